@@ -1,0 +1,45 @@
+"""Text-generation callback: after each validation, rank 0 continues fixed Portuguese prompts."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+log = logging.getLogger(__name__)
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt ids; an empty prompt starts from <|endoftext|>, as a new document would."""
+    return tokenizer.encode_ordinary(prompt) or [tokenizer.eot_token]
+
+
+class GenerationCallback(L.Callback):
+    def __init__(self, prompts, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = 50,
+                 top_p: float | None = None, seed: int = 1234):
+        self.prompts = list(prompts)
+        self.max_new_tokens = max_new_tokens
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.seed = seed  # same seed every time, so samples differ only because the model changed
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or not self.prompts:
+            return
+        tokenizer = trainer.datamodule.tokenizer
+        model = pl_module.model
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        samples = []
+        for prompt in self.prompts:
+            idx = torch.tensor([encode_prompt(tokenizer, prompt)], dtype=torch.long, device=device)
+            out = model.generate(idx, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                                 top_p=self.top_p, generator=generator)
+            samples.append((prompt, tokenizer.decode(out[0, idx.size(1):].tolist())))
+        step = trainer.global_step
+        text = "\n\n".join(f"**{p}**{s}" for p, s in samples)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("samples", text, global_step=step)
+        log.info("samples at step %d:\n%s", step, "\n".join(f"  > {p}{s}" for p, s in samples))

@@ -1,0 +1,195 @@
+"""GPT-2 with multi-head, grouped-query or multi-query attention — one compact file, nanoGPT style.
+
+`n_kv_groups` is G, the number of key/value heads (arXiv 2305.13245): G = n_head is MHA, G = 1 is MQA.
+Query head i reads KV head i // (n_head // G): contiguous groups, the convention of SDPA's `enable_gqa`
+and of mean-pooled uptraining.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt_lightning.errors import UserError
+from gpt_lightning.generation import decode
+from gpt_lightning.kv_cache import KVCache
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_kv_groups: int
+    n_embd: int
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self):
+        # Refuse a bad shape before any weight is allocated, naming the values.
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_groups", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"model config: {name}={value!r} must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"model config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                f"pick n_embd as a multiple of the head count"
+            )
+        if self.n_kv_groups > self.n_head or self.n_head % self.n_kv_groups:
+            raise UserError(
+                f"model config: n_head={self.n_head} is not divisible by n_kv_groups={self.n_kv_groups}; "
+                f"kv_groups must divide the head count (e.g. 1, 2, 4, 8 for 8 heads)"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model config: dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        # A multiple of 64 keeps the LM-head matmul on fast kernel paths (nanoGPT's 50257 -> 50304).
+        return math.ceil(self.vocab_size / 64) * 64
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = config.n_head, config.n_kv_groups, config.head_dim
+        kv_dim = self.n_kv * self.head_dim
+        # One fused projection: n_embd query features, then kv_dim key and kv_dim value features.
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        kv_dim = self.n_kv * self.head_dim
+        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        # Prefill into an empty cache is causal; one new token against the cache sees every cached position.
+        is_causal = T > 1
+        if cache is not None:
+            if T > 1 and cache.length:
+                raise ValueError("KVCache takes either a prefill into an empty cache or one token at a time")
+            k, v = cache.update(layer, k, v)  # (B, n_kv, L, hd): the cache holds n_kv heads, never n_head
+        # SDPA broadcasts each KV head to its group of n_head // n_kv query heads (no K/V copies).
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=self.n_kv != self.n_head,
+        )  # (B, nh, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)  # pre-LayerNorm residual blocks
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's variance stays put.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied LM head counted once
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-LayerNorm features (B, T, n_embd); positions continue after what `cache` already holds."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids (B, T), or with (B, T) targets the mean next-token loss.
+
+        The loss is computed here, not by the caller, so `torch.compile` can fuse the LM head with it.
+        """
+        logits = self.lm_head(self.hidden_states(idx))  # (B, T, padded_vocab)
+        if targets is None:
+            return logits[..., : self.config.vocab_size]
+        # The padding rows never occur as targets; training drives their logits down like any wrong token.
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def new_cache(self, batch_size: int, device=None, dtype=None) -> KVCache:
+        """A preallocated cache for `block_size` positions holding n_kv_groups heads per layer."""
+        p = self.lm_head.weight
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_kv_groups, c.block_size, c.head_dim,
+                       device=device or p.device, dtype=dtype or p.dtype)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Extend (B, T) token ids by `max_new_tokens` sampled tokens; temperature 0 is greedy.
+
+        Decodes with a preallocated KV cache of n_kv_groups heads per layer; the context is cropped to
+        the last `block_size` tokens (see `gpt_lightning.generation.decode`).
+        """
+        return decode(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      generator=generator)

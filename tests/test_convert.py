@@ -1,0 +1,97 @@
+"""MHA -> GQA pooling and Hugging Face GPT-2 loading."""
+
+import pytest
+import torch
+
+from gpt_lightning.convert import load_hf_gpt2, pool_kv_heads
+from gpt_lightning.errors import UserError
+from gpt_lightning.model import GPT, GPTConfig
+
+
+def mha(seed=0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=70, block_size=16, n_layer=2, n_head=4, n_kv_groups=4, n_embd=32)).eval()
+
+
+def test_pooling_to_n_head_is_the_identity():
+    model = mha()
+    x = torch.randint(0, 70, (2, 9))
+    torch.testing.assert_close(pool_kv_heads(model, 4).eval()(x), model(x))
+
+
+def test_pooled_heads_are_the_mean_of_each_contiguous_group():
+    model = mha()
+    w = model.transformer.h[1].attn.c_attn.weight  # rows: q (32) | k (4 heads x 8) | v (4 x 8)
+    b = model.transformer.h[1].attn.c_attn.bias
+    pooled = pool_kv_heads(model, 2)
+    pw, pb = pooled.transformer.h[1].attn.c_attn.weight, pooled.transformer.h[1].attn.c_attn.bias
+    assert pw.shape == (32 + 2 * 16, 32)
+    torch.testing.assert_close(pw[:32], w[:32])  # queries copied
+    k = [w[32 + 8 * h: 40 + 8 * h] for h in range(4)]
+    v = [w[64 + 8 * h: 72 + 8 * h] for h in range(4)]
+    torch.testing.assert_close(pw[32:40], (k[0] + k[1]) / 2)  # KV head 0 = mean of heads 0, 1
+    torch.testing.assert_close(pw[40:48], (k[2] + k[3]) / 2)
+    torch.testing.assert_close(pw[48:56], (v[0] + v[1]) / 2)
+    torch.testing.assert_close(pw[56:64], (v[2] + v[3]) / 2)
+    torch.testing.assert_close(pb[40:48], (b[48:56] + b[56:64]) / 2)
+    torch.testing.assert_close(pooled.transformer.h[0].mlp.c_fc.weight, model.transformer.h[0].mlp.c_fc.weight)
+
+
+def test_pooling_to_one_group_gives_mqa():
+    pooled = pool_kv_heads(mha(), 1)
+    assert pooled.config.n_kv_groups == 1 and pooled.new_cache(1).k[0].shape[1] == 1
+
+
+def test_pooling_refuses_a_non_divisor():
+    with pytest.raises(UserError, match="kv_groups=3"):
+        pool_kv_heads(mha(), 3)
+
+
+def test_pooled_trained_mha_starts_lower_than_a_fresh_gqa():
+    torch.manual_seed(0)
+    data = torch.randint(0, 70, (8, 17))
+    data[:, 1::2] = (data[:, 0::2][:, :8] * 3) % 70  # a learnable pattern
+    x, y = data[:, :-1], data[:, 1:]
+    model = mha().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pooled = pool_kv_heads(model, 2).eval()
+    fresh = GPT(GPTConfig(vocab_size=70, block_size=16, n_layer=2, n_head=4, n_kv_groups=2, n_embd=32)).eval()
+    with torch.no_grad():
+        assert pooled(x, y).item() < fresh(x, y).item() - 0.5
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers", reason="transformers is a dev extra")
+    config = transformers.GPT2Config(vocab_size=300, n_positions=32, n_embd=48, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    path = tmp_path_factory.mktemp("hf_gpt2")
+    hf.save_pretrained(path)
+    return path, hf
+
+
+def test_load_hf_gpt2_matches_hf_logits(hf_gpt2_dir):
+    path, hf = hf_gpt2_dir
+    ours = load_hf_gpt2(path).eval()
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=1e-5)
+    assert ours.config.padded_vocab_size == 320
+
+
+def test_load_hf_gpt2_pooled_to_gqa(hf_gpt2_dir):
+    path, _ = hf_gpt2_dir
+    gqa = load_hf_gpt2(path, kv_groups=2)
+    assert gqa.config.n_kv_groups == 2
+    torch.testing.assert_close(gqa.transformer.wte.weight, load_hf_gpt2(path).transformer.wte.weight)
+
+
+def test_load_hf_gpt2_without_files_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        load_hf_gpt2(tmp_path)

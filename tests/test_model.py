@@ -1,0 +1,158 @@
+"""The GPT: shapes, causality, SDPA GQA against plain attention, KV-cached decoding, refused shapes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt_lightning.errors import UserError
+from gpt_lightning.kv_cache import kv_cache_bytes_per_token
+from gpt_lightning.model import GPT, GPTConfig
+
+ATTENTIONS = {"mha": 4, "gqa": 2, "mqa": 1}  # kv_groups at 4 heads
+
+
+def tiny(kv_groups=2, **kw) -> GPT:
+    torch.manual_seed(0)
+    args = dict(vocab_size=100, block_size=16, n_layer=2, n_head=4, n_kv_groups=kv_groups, n_embd=32) | kw
+    return GPT(GPTConfig(**args)).eval()
+
+
+def test_logits_shape_and_padded_vocab():
+    model = tiny()
+    assert model.config.padded_vocab_size == 128
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied
+    assert model(torch.randint(0, 100, (3, 7))).shape == (3, 7, 100)
+
+
+def test_kv_projection_holds_kv_groups_heads():
+    model = tiny(kv_groups=2)
+    # q: 32 features, k and v: 2 heads x 8 dims each
+    assert model.transformer.h[0].attn.c_attn.weight.shape == (32 + 2 * 16, 32)
+
+
+def test_residual_projections_are_scaled_at_init():
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=8, n_head=4, n_kv_groups=4, n_embd=256))
+    std = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+
+
+@pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
+def test_causality(kv_groups):
+    model = tiny(kv_groups)
+    x = torch.randint(0, 100, (2, 10))
+    changed = x.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % 100
+    a, b = model(x), model(changed)
+    torch.testing.assert_close(a[:, :6], b[:, :6])
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
+
+
+def plain_attention_forward(attn, x):
+    """Reference: explicit masked softmax, query head i reads KV head i // (n_head // n_kv)."""
+    B, T, C = x.shape
+    hd, nh, nkv = attn.head_dim, attn.n_head, attn.n_kv
+    q, k, v = attn.c_attn(x).split([C, nkv * hd, nkv * hd], dim=2)
+    q = q.view(B, T, nh, hd).transpose(1, 2)
+    k = k.view(B, T, nkv, hd).transpose(1, 2)
+    v = v.view(B, T, nkv, hd).transpose(1, 2)
+    group = torch.arange(nh) // (nh // nkv)
+    k, v = k[:, group], v[:, group]  # (B, nh, T, hd)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(hd)
+    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+    y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+    return attn.c_proj(y)
+
+
+@pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
+def test_sdpa_matches_plain_attention(kv_groups):
+    model = tiny(kv_groups)
+    attn = model.transformer.h[0].attn
+    x = torch.randn(2, 9, 32)
+    torch.testing.assert_close(attn(x), plain_attention_forward(attn, x), atol=1e-5, rtol=1e-5)
+
+
+def test_query_head_reads_its_contiguous_kv_group():
+    """Zero every value head but KV head 1: only query heads 2 and 3 (of 4, G=2) may see non-zero output."""
+    model = tiny(kv_groups=2)
+    attn = model.transformer.h[0].attn
+    with torch.no_grad():
+        w = attn.c_attn.weight
+        w[32 + 16 + 0: 32 + 16 + 8] = 0  # value head 0
+        attn.c_attn.bias[32 + 16 + 0: 32 + 16 + 8] = 0
+        attn.c_proj.weight.copy_(torch.eye(32))
+        attn.c_proj.bias.zero_()
+    y = attn(torch.randn(1, 5, 32))  # (1, 5, 4 heads x 8)
+    assert torch.all(y[..., :16] == 0)
+    assert torch.any(y[..., 16:] != 0)
+
+
+@pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
+def test_greedy_generate_with_cache_equals_without(kv_groups):
+    model = tiny(kv_groups)
+    prompt = torch.randint(0, 100, (2, 5))
+    cached = model.generate(prompt, 30, temperature=0)  # runs past block_size=16, exercising the crop
+    uncached = prompt
+    for _ in range(30):
+        logits = model(uncached[:, -16:])[:, -1]
+        uncached = torch.cat([uncached, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
+def test_kv_cache_holds_kv_groups_heads(kv_groups):
+    model = tiny(kv_groups)
+    cache = model.new_cache(batch_size=3)
+    assert len(cache.k) == 2 and cache.k[0].shape == (3, kv_groups, 16, 8) and cache.v[1].shape == (3, kv_groups, 16, 8)
+    assert cache.bytes_per_token == kv_cache_bytes_per_token(2, kv_groups, 8) == 2 * 2 * kv_groups * 8 * 4
+    model.hidden_states(torch.randint(0, 100, (3, 4)), cache)
+    assert cache.length == 4
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator():
+    model = tiny()
+    prompt = torch.randint(0, 100, (1, 3))
+    runs = [model.generate(prompt, 12, temperature=1.0, top_k=20, top_p=0.9,
+                           generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_top_k_one_is_greedy():
+    model = tiny()
+    prompt = torch.randint(0, 100, (1, 3))
+    assert torch.equal(model.generate(prompt, 8, temperature=1.0, top_k=1), model.generate(prompt, 8, temperature=0))
+
+
+def test_loss_is_cross_entropy_of_the_logits():
+    model = tiny()
+    x, y = torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))
+    logits = model.lm_head(model.hidden_states(x))  # padded logits, as the loss sees them
+    torch.testing.assert_close(model(x, y), F.cross_entropy(logits.flatten(0, 1), y.flatten()))
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(n_embd=30, n_head=4, n_kv_groups=2), "n_embd=30 is not divisible by n_head=4"),
+    (dict(n_embd=32, n_head=4, n_kv_groups=3), "n_head=4 is not divisible by n_kv_groups=3"),
+    (dict(n_embd=32, n_head=4, n_kv_groups=8), "n_head=4 is not divisible by n_kv_groups=8"),
+    (dict(n_embd=32, n_head=4, n_kv_groups=0), "n_kv_groups=0 must be a positive integer"),
+])
+def test_bad_shapes_are_refused_naming_the_values(args, message):
+    with pytest.raises(UserError, match=message):
+        GPTConfig(vocab_size=100, block_size=16, n_layer=2, **args)
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_groups=2, n_embd=64))
+    x = torch.randint(0, 50, (4, 16))
+    y = torch.roll(x, -1, dims=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss = model(x, y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 3.5 and loss.item() < 0.1
