@@ -11,6 +11,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 log = logging.getLogger(__name__)
 
 
+def batch_size(batch) -> int:
+    """Windows in an (x, y) batch, for Lightning's ThroughputMonitor."""
+    return batch[0].size(0)
+
+
+def batch_tokens(batch) -> int:
+    """Tokens in an (x, y) batch: ThroughputMonitor's items/s are then tokens/s."""
+    return batch[0].numel()
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Prompt ids; an empty prompt starts from <|endoftext|>, as a new document would."""
     return tokenizer.encode_ordinary(prompt) or [tokenizer.eot_token]

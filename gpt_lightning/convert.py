@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from gpt_lightning.checkpoints import load_gpt
 from gpt_lightning.errors import UserError
 from gpt_lightning.model import GPT, GPTConfig
 
@@ -90,23 +91,6 @@ def load_hf_gpt2(path: str | Path, kv_groups: int | None = None) -> GPT:
     return model
 
 
-def _checkpoint_model(path: Path) -> GPT:
-    """The GPT inside one of our Lightning checkpoints, rebuilt from its saved hyperparameters."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        hparams = ckpt["hyper_parameters"]["model"]
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        model = GPT(GPTConfig(**hparams))
-        model.load_state_dict(state)
-    except UserError:
-        raise
-    except Exception as e:  # not a torch file, truncated, or another project's checkpoint
-        raise UserError(f"init_from={path}: not a gpt_lightning checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); pass a .ckpt written by "
-                        f"gpt_lightning.train, or hf:PATH for Hugging Face GPT-2 weights") from None
-    return model
-
-
 def init_state_from(init_from: str, target: GPTConfig, encoding: str) -> dict[str, torch.Tensor]:
     """Weights for a model of shape `target` from a checkpoint or `hf:FOLDER`.
 
@@ -123,7 +107,7 @@ def init_state_from(init_from: str, target: GPTConfig, encoding: str) -> dict[st
                             f"(got {encoding!r})")
         source = load_hf_gpt2(path)
     else:
-        source = _checkpoint_model(path)
+        source, _ = load_gpt(path)
     src = source.config
     if src.n_kv_groups != target.n_kv_groups:
         if src.n_kv_groups % target.n_kv_groups:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from gpt_lightning.errors import UserError
@@ -37,13 +39,14 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 @torch.no_grad()
-def decode(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Extend (B, T) ids by `max_new_tokens` tokens with a preallocated KV cache.
+def stream_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None,
+                  generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield each new (B,) token batch for (B, T) prompt ids, decoding with a preallocated KV cache.
 
     Only the last position's logits are computed per step. Positions are learned, so once the context
     fills block_size the cache is rebuilt from the last block_size tokens each step: exactly what an
-    uncached model cropping its input to block_size would compute.
+    uncached model cropping its input to block_size would compute. The model is in eval mode meanwhile.
     """
     check_sampling(temperature, top_k, top_p)
     if idx.dim() != 2 or idx.size(1) == 0:
@@ -53,23 +56,31 @@ def decode(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1
     try:
         B, T = idx.shape
         bs, vocab = model.config.block_size, model.config.vocab_size
-        out = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)
-        out[:, :T] = idx
-        if max_new_tokens <= 0:
-            return out
+        seq = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)  # allocated once
+        seq[:, :T] = idx
         cache = model.new_cache(B)
         h = model.hidden_states(idx[:, -bs:], cache)  # prefill: (B, min(T, bs), C)
         for i in range(max_new_tokens):
             logits = model.lm_head(h[:, -1])[:, :vocab]  # (B, vocab): last position only
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            out[:, T + i] = nxt
+            seq[:, T + i] = nxt
+            yield nxt
             if i == max_new_tokens - 1:
                 break
             if cache.length == bs:  # full: restart from the last block_size tokens at positions 0..bs-1
                 cache.reset()
-                h = model.hidden_states(out[:, T + i + 1 - bs: T + i + 1], cache)
+                h = model.hidden_states(seq[:, T + i + 1 - bs: T + i + 1], cache)
             else:
                 h = model.hidden_states(nxt[:, None], cache)
-        return out
     finally:
         model.train(was_training)
+
+
+def decode(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, T) prompt ids extended to (B, T + max_new_tokens); see `stream_tokens`."""
+    out = torch.empty(idx.size(0), idx.size(1) + max_new_tokens, dtype=idx.dtype, device=idx.device)
+    out[:, : idx.size(1)] = idx
+    for i, nxt in enumerate(stream_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, generator)):
+        out[:, idx.size(1) + i] = nxt
+    return out

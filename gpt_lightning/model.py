@@ -150,6 +150,14 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # tied LM head counted once
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward), nanoGPT/PaLM estimate: 6N + 12 * L * C * T.
+
+        GQA saves KV-projection parameters (counted in N) but not attention-score FLOPs (the 12LCT term).
+        """
+        T = seq_len or self.config.block_size
+        return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
+
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final-LayerNorm features (B, T, n_embd); positions continue after what `cache` already holds."""
         B, T = idx.shape

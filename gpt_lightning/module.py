@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict
 
 import lightning as L
@@ -37,13 +38,25 @@ class GPTLightningModule(L.LightningModule):
         self.val_loss = MeanMetric()  # torchmetrics reduces across DDP ranks
         self.test_loss = MeanMetric()
         self.tokens_seen = 0  # restored from checkpoints, so resumed curves continue
+        self.train_seconds = 0.0  # wall time inside training batches of this process (no validation)
+        self.train_tokens = 0  # tokens this process trained on since it started
+        self.flops_per_batch = None  # read by Lightning's ThroughputMonitor (FLOPs and MFU curves)
 
     @classmethod
     def from_config(cls, config: GPTConfig, optim: dict, **kwargs) -> "GPTLightningModule":
         return cls(model=asdict(config), optim=dict(optim), **kwargs)
 
+    def on_train_batch_start(self, batch, batch_idx):
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.train_seconds += time.perf_counter() - self._batch_start
+
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, T) each
+        if self.flops_per_batch is None:
+            self.flops_per_batch = self.model.flops_per_token(x.size(1)) * x.numel()
+        self.train_tokens += x.numel() * self.trainer.world_size
         loss = self.model(x, y)
         self.tokens_seen += x.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)

@@ -18,6 +18,7 @@ from gpt_lightning.convert import init_state_from
 from gpt_lightning.errors import UserError
 from gpt_lightning.module import GPTLightningModule
 from gpt_lightning.run_dirs import resolve_ckpt_path
+from gpt_lightning.summary import log_hparams_start, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,18 @@ def train(cfg: DictConfig) -> dict:
     log.info("model: %s, %.2fM parameters, attention=%s (%d heads, %d KV heads)", gpt_config.__class__.__name__,
              module.model.num_params() / 1e6, cfg.attention.type, gpt_config.n_head, gpt_config.n_kv_groups)
 
+    log_hparams_start(trainer, module, cfg.attention.type)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # val/* of the last validation
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None else ""
+    best_val = float(checkpoint.best_model_score) if checkpoint is not None and checkpoint.best_model_score is not None else None
     trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
 
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if trainer.is_global_zero:
+        prompt = datamodule.datasets["val"][0][0][:16] if len(datamodule.datasets.get("val", [])) else None
+        write_summary(trainer, module, run_dir, metrics, best_val, prompt)
         log.info("checkpoints: %s", checkpoint.dirpath if checkpoint is not None else "(none)")
         log.info("best: %s", best or "(none)")
         log.info("TensorBoard: tensorboard --logdir %s", run_dir)

@@ -1,0 +1,197 @@
+"""Gutenberg book IDs -> (x, y) token windows: fetch, clean, split, tokenise, window.
+
+Layout under data.root: raw/<ID>.txt (as downloaded), clean/<ID>.txt (what the model reads),
+tokens/<key>/{train,val,test}.bin + meta.json. prepare_data (rank 0) downloads and writes and sets no
+state; setup (every rank) only reads. Bad settings raise UserError there, not in __init__ (Hydra's
+instantiate would wrap the error).
+"""
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import to_absolute_path
+from lightning.pytorch.accelerators import CUDAAccelerator
+from torch.utils.data import DataLoader
+
+from gpt_lightning.data.clean import CLEAN_VERSION, book_text, clean_book
+from gpt_lightning.data.fetch import check_base_url, fetch_books
+from gpt_lightning.data.tokens import (SPLITS, build_tokens, cache_key, check_fractions, get_encoding, read_meta,
+                                       split_paragraphs)
+from gpt_lightning.data.windows import TokenWindows
+from gpt_lightning.errors import UserError
+
+
+def resolve_root(root) -> Path:
+    """Relative paths resolve against the launch directory (Hydra's original cwd when Hydra runs)."""
+    return Path(to_absolute_path(os.path.expanduser(str(root)))).resolve()
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic write that leaves an identical file alone."""
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class MachadoDataModule(L.LightningDataModule):
+    def __init__(self, books, base_url: str = "https://www.gutenberg.org", root: str = "data",
+                 encoding: str = "gpt2", split: str = "contiguous", val_fraction: float = 0.1,
+                 test_fraction: float = 0.1, split_seed: int = 42, min_paragraph_chars: int = 50,
+                 block_size: int = 128, train_stride: int | None = None, batch_size: int = 16,
+                 num_workers: int = 0, seed: int | None = 1337, timeout=(10, 60), retries: int = 5,
+                 backoff_factor: float = 1.0, pause: float = 1.0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = resolve_root(root)
+        self.meta: dict | None = None        # set by setup
+        self.token_dir: Path | None = None   # set by setup
+        self.datasets: dict[str, TokenWindows] = {}
+
+    # -- tokenizer (lazy, cached per process by get_encoding; no state on self) --
+    @property
+    def tokenizer(self):
+        return get_encoding(self.hparams.encoding)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.n_vocab
+
+    @property
+    def eot_token(self) -> int:
+        return self.tokenizer.eot_token
+
+    # -- checks and paths --
+    @property
+    def books(self) -> list[int]:
+        return [int(b) for b in self.hparams.books]
+
+    def _check(self) -> None:
+        """Every setting that can be checked cheaply, before any download or encoding."""
+        h = self.hparams
+        if not h.books or not all(str(b).isdigit() for b in h.books):
+            raise UserError(f"data.books={list(h.books or [])} must be a non-empty list of Gutenberg book IDs "
+                            "(numbers)")
+        check_base_url(h.base_url)
+        check_fractions(h.val_fraction, h.test_fraction)
+        split_paragraphs(0, h.split, h.val_fraction, h.test_fraction, 0)  # validates the split name
+        if not (isinstance(h.block_size, int) and h.block_size > 0):
+            raise UserError(f"data.block_size={h.block_size} must be a positive integer")
+        if h.train_stride is not None and not (isinstance(h.train_stride, int) and h.train_stride > 0):
+            raise UserError(f"data.train_stride={h.train_stride} must be null or a positive integer")
+        self.tokenizer  # unknown or unloadable encoding: fail now
+
+    def _check_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.root).close()
+        except OSError as e:
+            raise UserError(f"data.root={self.root} is not writable ({e.strerror or e}); "
+                            "choose another data.root") from e
+
+    def _raw(self) -> dict[int, bytes]:
+        raw = {}
+        for b in self.books:
+            path = self.root / "raw" / f"{b}.txt"
+            if not path.exists():
+                raise UserError(f"book {b} is not downloaded ({path}); run prepare_data() first "
+                                "(python -m gpt_lightning.prepare)")
+            raw[b] = path.read_bytes()
+        return raw
+
+    def _cache_inputs(self, raw: dict[int, bytes]) -> dict:
+        """Everything the token files depend on: a change here means a new tokens/<key>/."""
+        h = self.hparams
+        return {"clean_version": CLEAN_VERSION, "encoding": h.encoding, "books": self.books,
+                "raw_sha256": {str(b): hashlib.sha256(data).hexdigest() for b, data in raw.items()},
+                "min_paragraph_chars": h.min_paragraph_chars, "split": h.split,
+                "val_fraction": h.val_fraction, "test_fraction": h.test_fraction,
+                "split_seed": h.split_seed if h.split == "random_paragraphs" else None}
+
+    # -- Lightning hooks --
+    def prepare_data(self) -> dict:
+        """Rank 0: download, clean (writing clean/), split and tokenise. Returns meta; sets nothing on self."""
+        h = self.hparams
+        self._check()
+        self._check_writable()
+        fetch_books(self.books, self.root / "raw", h.base_url, h.timeout, h.retries, h.backoff_factor, h.pause)
+        raw = self._raw()
+        inputs = self._cache_inputs(raw)
+        token_dir = self.root / "tokens" / cache_key(inputs)
+
+        clean_dir = self.root / "clean"
+        clean_dir.mkdir(exist_ok=True)
+        books = []
+        for b, data in raw.items():
+            try:
+                title, paragraphs = clean_book(data, h.min_paragraph_chars)
+            except ValueError as e:
+                raise UserError(f"book {b} ({self.root / 'raw' / f'{b}.txt'}) is not a Project Gutenberg text: {e}; "
+                                "delete the file to download it again") from e
+            text = book_text(paragraphs)
+            try:
+                _write_text(clean_dir / f"{b}.txt", text)
+            except OSError as e:
+                raise UserError(f"could not write {clean_dir / f'{b}.txt'}: {e.strerror or e}") from e
+            books.append({"id": b, "title": title or f"Gutenberg #{b}", "raw_bytes": len(data),
+                          "clean_chars": len(text), "paragraphs": paragraphs})
+        empty = [f"{b['id']} ({b['title']})" for b in books if not b["paragraphs"]]
+        if empty:
+            raise UserError(f"no text left after cleaning in book(s) {', '.join(empty)}: no paragraph of at least "
+                            f"data.min_paragraph_chars={h.min_paragraph_chars} characters; lower it or drop the book")
+
+        if (token_dir / "meta.json").exists():
+            return read_meta(token_dir)  # same inputs: reuse without re-encoding
+        labels = {b["id"]: split_paragraphs(len(b["paragraphs"]), h.split, h.val_fraction, h.test_fraction,
+                                            [h.split_seed, b["id"]]) for b in books}
+        return build_tokens(token_dir, self.tokenizer, books, labels, inputs)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Every rank: open the token files of this configuration and check each needed split holds a window."""
+        h = self.hparams
+        self._check()
+        token_dir = self.root / "tokens" / cache_key(self._cache_inputs(self._raw()))
+        if not (token_dir / "meta.json").exists():
+            raise UserError(f"no token cache at {token_dir}; run prepare_data() first "
+                            "(python -m gpt_lightning.prepare)")
+        self.token_dir, self.meta = token_dir, read_meta(token_dir)
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}.get(stage, SPLITS)
+        share = {"train": 1.0, "val": h.val_fraction, "test": h.test_fraction}
+        for s in SPLITS:
+            ds = TokenWindows(token_dir / f"{s}.bin", self.meta["dtype"], h.block_size,
+                              h.train_stride if s == "train" else None)
+            if s in needed and share[s] > 0 and len(ds) == 0:
+                more = "smaller val/test fractions" if s == "train" else f"a larger data.{s}_fraction"
+                raise UserError(f"the {s} split has {ds.n_tokens} tokens, fewer than one window of "
+                                f"data.block_size + 1 = {h.block_size + 1}; use a smaller block_size, "
+                                f"more books (data.books) or {more}")
+            self.datasets[s] = ds
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        h = self.hparams
+        generator = torch.Generator()
+        if h.seed is not None:
+            generator.manual_seed(h.seed)
+        on_gpu = torch.cuda.is_available() and isinstance(getattr(self.trainer, "accelerator", None), CUDAAccelerator)
+        return DataLoader(self.datasets[split], batch_size=h.batch_size, shuffle=train,
+                          generator=generator if train else None, drop_last=train, num_workers=h.num_workers,
+                          pin_memory=on_gpu, persistent_workers=h.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

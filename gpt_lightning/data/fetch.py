@@ -1,0 +1,135 @@
+"""Download Gutenberg books into <root>/raw/<ID>.txt, exactly as served, once.
+
+A book already cached is never fetched again; with every book cached no HTTP session is even made.
+Files appear atomically (temp file in the same dir + os.replace), so an interrupted or short download
+never leaves a file behind. One missing book does not stop the others: all the rest are fetched,
+then one UserError lists every missing book.
+"""
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import requests
+from requests.adapters import HTTPAdapter
+from tqdm import tqdm
+from urllib3.util.retry import Retry
+
+from gpt_lightning.errors import UserError
+
+log = logging.getLogger(__name__)
+USER_AGENT = "gpt_lightning/0.1 (+corpus fetcher)"
+
+
+def check_base_url(base_url: str) -> str:
+    """Refuse anything but http(s)://host before any work; returns the URL without a trailing /."""
+    parsed = urlparse(base_url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise UserError(f"data.base_url={base_url!r} is not an http(s) URL; "
+                        "use https://www.gutenberg.org or a mirror laid out like it")
+    return base_url.rstrip("/")
+
+
+def book_urls(base_url: str, book_id) -> list[str]:
+    """Where Gutenberg keeps a book's plain text, in the order tried."""
+    return [f"{base_url}/cache/epub/{book_id}/pg{book_id}.txt", f"{base_url}/files/{book_id}/{book_id}-0.txt"]
+
+
+def make_session(retries: int, backoff_factor: float) -> requests.Session:
+    """A session that retries connection errors and 5xx with exponential backoff (urllib3 Retry)."""
+    retry = Retry(total=retries, connect=retries, read=retries, status=retries, backoff_factor=backoff_factor,
+                  status_forcelist=(500, 502, 503, 504), allowed_methods=("GET",), raise_on_status=False)
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    session.mount("https://", HTTPAdapter(max_retries=retry))
+    # identity: the bytes on disk are the bytes served, and Content-Length counts them
+    session.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
+    return session
+
+
+class _ShortBody(Exception):
+    pass
+
+
+def _reason(e: Exception) -> str:
+    """One line for a requests/urllib3 error (their default str is a nested repr)."""
+    inner = e.args[0] if e.args and isinstance(e.args[0], Exception) else e
+    inner = getattr(inner, "reason", inner)
+    return f"{type(e).__name__}: {inner}".replace("\n", " ")
+
+
+def download(session, url: str, dest: Path, timeout, retries: int, backoff_factor: float) -> str | None:
+    """GET url into dest atomically. Returns None on success, else the last status/error as text.
+
+    Connection errors and 5xx are retried inside urllib3; a body cut short (urllib3 raises while
+    streaming, or fewer bytes than Content-Length) is retried here with the same backoff.
+    """
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff_factor * 2 ** (attempt - 1))
+        try:
+            r = session.get(url, stream=True, timeout=timeout)
+        except requests.RequestException as e:
+            return _reason(e)  # urllib3 already retried it
+        tmp = None
+        try:
+            with r:
+                if r.status_code != 200:
+                    return f"HTTP {r.status_code}"
+                size = int(r.headers.get("Content-Length", 0)) or None
+                fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+                written = 0
+                with os.fdopen(fd, "wb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=dest.stem,
+                                                    leave=False, disable=None) as bar:
+                    for chunk in r.iter_content(1 << 16):
+                        f.write(chunk)
+                        written += len(chunk)
+                        bar.update(len(chunk))
+                if size is not None and written != size:
+                    raise _ShortBody(f"body of {written} bytes, Content-Length {size}")
+            os.replace(tmp, dest)
+            return None
+        except (_ShortBody, requests.exceptions.ChunkedEncodingError, requests.ConnectionError) as e:
+            last = f"short body ({e})" if isinstance(e, _ShortBody) else _reason(e)
+            log.warning("%s: %s (attempt %d of %d)", url, last, attempt + 1, retries + 1)
+        except requests.RequestException as e:
+            return _reason(e)
+        except OSError as e:  # our side: disk full, permissions
+            raise UserError(f"could not write {dest}: {e.strerror or e}; free some disk space "
+                            "or choose another data.root") from e
+        finally:
+            if tmp and os.path.exists(tmp):
+                os.unlink(tmp)
+    return last
+
+
+def fetch_books(book_ids, raw_dir: Path, base_url: str, timeout=(10, 60), retries: int = 5,
+                backoff_factor: float = 1.0, pause: float = 1.0) -> None:
+    """Make sure <raw_dir>/<ID>.txt exists for every book; UserError listing every book that could not be had."""
+    base_url = check_base_url(base_url)
+    todo = [b for b in book_ids if not (raw_dir / f"{b}.txt").exists()]
+    if not todo:
+        return  # everything cached: no session, no network
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    timeout = timeout if isinstance(timeout, (int, float)) else tuple(timeout)  # (connect, read)
+    missing = []
+    with make_session(retries, backoff_factor) as session:
+        for i, book in enumerate(todo):
+            if i and pause:
+                time.sleep(pause)  # be polite between downloads (Gutenberg's robot policy)
+            tried = []
+            for url in book_urls(base_url, book):
+                log.info("downloading book %s from %s", book, url)
+                error = download(session, url, raw_dir / f"{book}.txt", timeout, retries, backoff_factor)
+                if error is None:
+                    break
+                tried.append(f"{url} ({error})")
+            else:
+                missing.append(f"  book {book}: tried " + ", ".join(tried))
+    if missing:
+        raise UserError(f"could not download {len(missing)} of {len(book_ids)} books "
+                        f"(the others are cached in {raw_dir}); check data.books and data.base_url:\n"
+                        + "\n".join(missing))
