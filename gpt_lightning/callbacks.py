@@ -7,6 +7,7 @@ import logging
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +54,20 @@ class GenerationCallback(L.Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("samples", text, global_step=step)
         log.info("samples at step %d:\n%s", step, "\n".join(f"  > {p}{s}" for p, s in samples))
+
+
+class CheckpointOnSigterm(L.Callback):
+    """On SIGTERM (preemption, `scancel`, `kill`) write `last.ckpt` before the process exits.
+
+    Lightning turns SIGTERM into a SIGTERMException at the next batch boundary on every rank; this saves the
+    full training state there (atomically: Lightning writes to a temp file and renames), so
+    `ckpt_path=last` resumes from the step the signal arrived at rather than the last periodic checkpoint.
+    """
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if not isinstance(exception, SIGTERMException) or checkpoint is None or not checkpoint.dirpath:
+            return
+        path = f"{checkpoint.dirpath}/last.ckpt"
+        trainer.save_checkpoint(path)
+        log.info("SIGTERM: saved %s at step %d; resume with ckpt_path=last", path, trainer.global_step)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt_lightning.checkpoints import load_checkpoint, load_gpt
 from gpt_lightning.data import MachadoDataModule
+from gpt_lightning.device import keep_freed_memory
 from gpt_lightning.errors import UserError
 from gpt_lightning.generate import pick_device
 from gpt_lightning.kv_cache import kv_cache_bytes_per_token
@@ -97,6 +98,7 @@ def print_table(result: dict) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    keep_freed_memory()
     try:
         print_table(evaluate(cfg, list(HydraConfig.get().overrides.task)))
     except UserError as e:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from gpt_lightning.callbacks import encode_prompt
 from gpt_lightning.checkpoints import load_gpt
 from gpt_lightning.data.tokens import get_encoding
+from gpt_lightning.device import keep_freed_memory
 from gpt_lightning.errors import UserError
 from gpt_lightning.generation import check_sampling, stream_tokens
 
@@ -73,6 +74,7 @@ def quote_prompt_override(args: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def _main(cfg: DictConfig) -> None:
+    keep_freed_memory()
     try:
         generate(cfg)
     except UserError as e:

@@ -23,6 +23,16 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_ratio
     return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * progress))
 
 
+def make_optimizer(model: torch.nn.Module, optim: dict, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW that decays matrices (linear weights, embeddings) and never biases or LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": optim["weight_decay"]},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]), fused=fused)
+
+
 class GPTLightningModule(L.LightningModule):
     """Wraps a plain `GPT`. `save_hyperparameters` stores everything needed to rebuild it from a checkpoint alone."""
 
@@ -59,7 +69,7 @@ class GPTLightningModule(L.LightningModule):
         self.train_tokens += x.numel() * self.trainer.world_size
         loss = self.model(x, y)
         self.tokens_seen += x.numel() * self.trainer.world_size
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # mean over ranks
         self.log("train/tokens", float(self.tokens_seen))
         return loss
 
@@ -83,20 +93,27 @@ class GPTLightningModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.hparams.optim
-        # Decay matrices (linear weights, embeddings); never biases or LayerNorm gains.
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": o["weight_decay"]},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
         device_type = next(self.model.parameters()).device.type
-        fused = device_type in ("cuda", "cpu")  # fused AdamW kernels exist for both in torch >= 2.4
-        optimizer = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), fused=fused)
+        # Fused AdamW kernels exist for CUDA and CPU; not with fp16's GradScaler, whose unscaling Lightning
+        # must do before clipping (a fused optimizer would unscale only inside its own step).
+        fused = device_type in ("cuda", "cpu") and str(self.trainer.precision) not in ("16-mixed", "16", "16-true")
+        optimizer = make_optimizer(self.model, o, fused=fused)
         total = int(self.trainer.estimated_stepping_batches)
         min_ratio = o["min_lr"] / o["lr"]
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: cosine_with_warmup(step, o["warmup_steps"], total, min_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """trainer.gradient_clip_val, applied here because Lightning's AMP plugin refuses to clip for a fused
+        optimizer even under bf16, where there is no loss scaling to undo. (fp16 keeps the unfused optimizer
+        and Lightning's own path, which unscales first.)"""
+        if not gradient_clip_val:
+            return
+        if getattr(optimizer, "defaults", {}).get("fused") and gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["tokens_seen"] = self.tokens_seen

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from gpt_lightning.errors import UserError
@@ -24,3 +25,25 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path, outputs_root: Path) 
     if not path.is_file():
         raise UserError(f"ckpt_path={ckpt_path}: no such file; pass an existing .ckpt, or ckpt_path=last")
     return str(path.resolve())
+
+
+def pin_ddp_children_to_this_job() -> None:
+    """Make Lightning's DDP child processes rejoin this Hydra job's directory, also inside a multirun.
+
+    Lightning starts each extra rank as `python -m gpt_lightning.train <sys.argv[1:]> hydra.run.dir=<run.dir>`.
+    Inside `-m`, sys.argv still holds `-m` and the sweep (`kv_groups=1,2`) and run.dir is not the job's
+    directory, so every child would start a sweep of its own in the wrong place (the long-standing Hydra +
+    Lightning DDP pitfall). Give the children this job's concrete overrides and its output directory instead.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    sys.argv[1:] = [o for o in hc.overrides.task if not o.startswith("hydra.sweep.")]
+    OmegaConf.set_readonly(hc, False)
+    with open_dict(hc):
+        hc.run.dir = hc.runtime.output_dir
+    OmegaConf.set_readonly(hc, True)

@@ -4,27 +4,54 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_original_cwd, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gpt_lightning.callbacks import GenerationCallback
+from gpt_lightning.checkpoints import load_checkpoint
 from gpt_lightning.config import gpt_config_from_cfg
 from gpt_lightning.convert import init_state_from
+from gpt_lightning.device import keep_freed_memory, resolve_precision, uses_cuda
 from gpt_lightning.errors import UserError
 from gpt_lightning.module import GPTLightningModule
-from gpt_lightning.run_dirs import resolve_ckpt_path
+from gpt_lightning.run_dirs import pin_ddp_children_to_this_job, resolve_ckpt_path
 from gpt_lightning.summary import log_hparams_start, write_summary
 
 log = logging.getLogger(__name__)
 
 
+def check_devices(trainer_args: dict) -> None:
+    """Refuse device requests this machine cannot meet before anything starts, naming the value."""
+    accelerator, devices = str(trainer_args.get("accelerator", "auto")), trainer_args.get("devices", 1)
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={accelerator} but no CUDA GPU is visible here; "
+                        f"use trainer.accelerator=cpu (or auto)")
+    if isinstance(devices, int) and uses_cuda(accelerator) and devices > torch.cuda.device_count():
+        raise UserError(f"trainer.devices={devices} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                        f"use trainer.devices={torch.cuda.device_count()} or trainer.devices=auto")
+
+
+def check_resume(ckpt_path: str | None, config) -> None:
+    """A resume checkpoint must be ours and of this model's shape; refuse otherwise and leave the file alone."""
+    if not ckpt_path:
+        return
+    saved = load_checkpoint(ckpt_path)["hyper_parameters"]["model"]
+    differ = [f"{k}={saved.get(k)} (config: {v})" for k, v in asdict(config).items() if saved.get(k) != v]
+    if differ:
+        raise UserError(f"ckpt_path={ckpt_path} has another model shape: {', '.join(differ)}; resume refused "
+                        f"(the checkpoint is untouched): use its settings, or init_from= to start from its weights")
+
+
 def train(cfg: DictConfig) -> dict:
     """Train, test on the test split, return the final metrics."""
+    keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     launch_dir = Path(get_original_cwd())
@@ -32,6 +59,7 @@ def train(cfg: DictConfig) -> dict:
 
     datamodule = instantiate(cfg.data, _convert_="all")  # plain lists: checkpoints load with weights_only
     gpt_config = gpt_config_from_cfg(cfg, datamodule.vocab_size)
+    check_resume(ckpt_path, gpt_config)
     module = GPTLightningModule.from_config(
         gpt_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=cfg.model.compile,
         encoding=cfg.data.encoding, attention_type=cfg.attention.type)
@@ -41,10 +69,15 @@ def train(cfg: DictConfig) -> dict:
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     callbacks.append(GenerationCallback(**cfg.generation))
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
-    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=callbacks,
-                        logger=loggers, default_root_dir=run_dir)
-    log.info("model: %s, %.2fM parameters, attention=%s (%d heads, %d KV heads)", gpt_config.__class__.__name__,
-             module.model.num_params() / 1e6, cfg.attention.type, gpt_config.n_head, gpt_config.n_kv_groups)
+    pin_ddp_children_to_this_job()
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    check_devices(trainer_args)
+    trainer_args["precision"] = resolve_precision(trainer_args.get("precision", "auto"),
+                                                  trainer_args.get("accelerator", "auto"))
+    trainer = L.Trainer(**trainer_args, callbacks=callbacks, logger=loggers, default_root_dir=run_dir)
+    log.info("model: %.2fM parameters, %d layers x %d, attention=%s (%d heads, %d KV heads), precision %s",
+             module.model.num_params(non_embedding=False) / 1e6, gpt_config.n_layer, gpt_config.n_embd,
+             cfg.attention.type, gpt_config.n_head, gpt_config.n_kv_groups, trainer_args["precision"])
 
     log_hparams_start(trainer, module, cfg.attention.type)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -61,6 +61,6 @@ def test_gpt2_shape():
 
 def test_trainer_presets():
     assert cfg().trainer.accelerator == "auto"
-    assert cfg("trainer=gpu").trainer.precision == "bf16-mixed"
+    assert cfg("trainer=gpu").trainer.accelerator == "gpu"
     assert cfg("trainer=ddp").trainer.strategy == "ddp"
     assert cfg("trainer=cpu", "trainer.max_steps=7").trainer.max_steps == 7

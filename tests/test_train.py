@@ -1,5 +1,7 @@
 """`python -m gpt_lightning.train` end to end, as a user runs it: subprocesses against a loopback-served corpus."""
 
+import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -93,16 +95,73 @@ def test_init_from_an_mha_checkpoint_pools_it_into_gqa(corpus, tmp_path):
     assert state["state_dict"]["model.transformer.h.0.attn.c_attn.weight"].shape == (64 + 2 * 16, 64)
 
 
-def test_multirun_sweeps_kv_groups_into_separate_directories(corpus, tmp_path):
-    result = train(corpus, tmp_path, "attention=gqa", "attention.kv_groups=1,2", "trainer.max_steps=4",
+@pytest.fixture(scope="module")
+def sweep(corpus, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("sweep_launch")
+    result = train(corpus, cwd, "attention=gqa", "attention.kv_groups=1,2", "trainer.max_steps=4",
                    "trainer.val_check_interval=2", "hydra.sweep.dir=sweep", multirun=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    return cwd / "sweep"
+
+
+def test_multirun_sweeps_kv_groups_into_separate_directories(sweep):
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [j.name for j in jobs] == ["0_gqa_h4_kv1", "1_gqa_h4_kv2"]
     for job, kv in zip(jobs, (1, 2)):
         ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert ckpt["hyper_parameters"]["model"]["n_kv_groups"] == kv
         assert "val/loss" in events(job)[0]
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["kv_groups"] == kv and summary["kv_cache_bytes_per_token"] == 2 * 2 * kv * 16 * 4
+
+
+def test_hparams_tab_lists_each_run_with_its_attention(sweep):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for job, kv in zip(sorted(p for p in sweep.iterdir() if p.is_dir()), (1, 2)):
+        found = {}
+        for f in (job / "tb").glob("events.out.tfevents.*"):
+            acc = EventAccumulator(str(f)).Reload()
+            try:
+                contents = acc.PluginTagToContent("hparams")
+            except KeyError:  # the test phase writes its own event file, without hparams
+                continue
+            for tag, content in contents.items():
+                data = plugin_data_pb2.HParamsPluginData.FromString(content)
+                if data.WhichOneof("data") == "session_start_info":
+                    found = {k: v for k, v in data.session_start_info.hparams.items()}
+        assert found["attention"].string_value == "gqa" and found["kv_groups"].number_value == kv
+        assert {"hp/best_val_loss", "hp/test_ppl"} <= events(job)[0]
+
+
+def test_compare_reports_the_sweep_and_lists_a_crashed_run(sweep, tmp_path):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(sweep, runs)
+    crashed = runs / "2_crashed" / ".hydra"
+    crashed.mkdir(parents=True)
+    shutil.copy(sweep / "0_gqa_h4_kv1" / ".hydra" / "config.yaml", crashed)
+    result = subprocess.run([sys.executable, "-m", "gpt_lightning.compare", str(runs)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    with open(runs / "comparison.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["status"], r["kv_groups"]) for r in rows] == [
+        ("0_gqa_h4_kv1", "complete", "1"), ("1_gqa_h4_kv2", "complete", "2"),
+        ("2_crashed", "crashed (no checkpoint)", "1")]
+    assert int(rows[1]["kv_cache_bytes_per_token"]) == 2 * int(rows[0]["kv_cache_bytes_per_token"])
+    assert float(rows[0]["best_val_loss"]) > 0 and float(rows[0]["decode_tokens_per_sec"]) > 0
+    assert float(rows[0]["test_ppl"]) > 1 and int(rows[0]["parameters"]) > 0
+    for name in ("comparison.md", "val_loss.png", "quality_vs_kv_cache.png", "decode_vs_kv_groups.png"):
+        assert (runs / name).stat().st_size > 0
+    assert "| 2_crashed | crashed (no checkpoint) |" in (runs / "comparison.md").read_text()
+
+
+def test_compare_refuses_a_folder_without_runs(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "gpt_lightning.compare", str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: no runs under")
 
 
 @pytest.mark.parametrize("overrides, message", [

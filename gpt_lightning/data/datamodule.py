@@ -21,6 +21,7 @@ from gpt_lightning.data.clean import CLEAN_VERSION, book_text, clean_book
 from gpt_lightning.data.fetch import check_base_url, fetch_books
 from gpt_lightning.data.tokens import (SPLITS, build_tokens, cache_key, check_fractions, get_encoding, read_meta,
                                        split_paragraphs)
+from gpt_lightning.data.sampler import ShardedSampler
 from gpt_lightning.data.windows import TokenWindows
 from gpt_lightning.errors import UserError
 
@@ -52,6 +53,8 @@ class MachadoDataModule(L.LightningDataModule):
                  num_workers: int = 0, seed: int | None = 1337, timeout=(10, 60), retries: int = 5,
                  backoff_factor: float = 1.0, pause: float = 1.0):
         super().__init__()
+        # Only global rank 0 downloads and writes; multi-node runs need data.root on a shared filesystem.
+        self.prepare_data_per_node = False
         self.save_hyperparameters()
         self.root = resolve_root(root)
         self.meta: dict | None = None        # set by setup
@@ -179,13 +182,16 @@ class MachadoDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         h = self.hparams
-        generator = torch.Generator()
-        if h.seed is not None:
-            generator.manual_seed(h.seed)
+        sampler = ShardedSampler(len(self.datasets[split]), shuffle=train, seed=h.seed, equal_shards=train)
+        if train and self.trainer is not None:
+            # Resuming mid-epoch (ckpt_path=last): the loop progress is restored before this is called, so
+            # skip the windows the interrupted run already trained on in this epoch.
+            loop = self.trainer.fit_loop
+            sampler.set_epoch(loop.epoch_progress.current.processed)
+            sampler.start = loop.epoch_loop.batch_progress.current.ready * h.batch_size
         on_gpu = torch.cuda.is_available() and isinstance(getattr(self.trainer, "accelerator", None), CUDAAccelerator)
-        return DataLoader(self.datasets[split], batch_size=h.batch_size, shuffle=train,
-                          generator=generator if train else None, drop_last=train, num_workers=h.num_workers,
-                          pin_memory=on_gpu, persistent_workers=h.num_workers > 0)
+        return DataLoader(self.datasets[split], batch_size=h.batch_size, sampler=sampler, drop_last=train,
+                          num_workers=h.num_workers, pin_memory=on_gpu, persistent_workers=h.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -1,0 +1,378 @@
+"""`python -m gpt_lightning.bench [overrides]`: our GPT against Hugging Face GPT-2 and a naive reference, one process.
+
+Same shape for every contender (the usual `model.*`, `attention.*`, `data.batch_size` keys). Candidates are timed
+in interleaved rounds so drift (thermal, other load) hits all of them alike; each figure is the median with the
+min–max over rounds. Prints a table and writes JSON (`bench.json`).
+
+Contenders:
+- training tokens/s (forward, loss, backward, AdamW step): ours in each precision the device runs (fp32; bf16
+  autocast where the CPU/GPU has native bf16; torch.compile with bench.compile=true), HF `GPT2LMHeadModel` (sdpa,
+  fp32, its own AdamW), and `NaiveGPT` below (how the original project computed attention);
+- with bench.lightning=true, the same model through the Lightning Trainer and the real DataModule;
+- decode tokens/s with the KV cache at each `bench.decode_batch_sizes` (ours fp32 and bf16 weights, HF `generate`);
+- KV-cache bytes per token for the configured attention against MHA;
+- MFU against the measured dense-matmul peak of this device (and the spec peak on a known GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from gpt_lightning.config import gpt_config_from_cfg
+from gpt_lightning.device import cpu_has_bf16, keep_freed_memory
+from gpt_lightning.errors import UserError
+from gpt_lightning.generation import stream_tokens
+from gpt_lightning.kv_cache import kv_cache_bytes_per_token
+from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.module import make_optimizer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The naive reference: manual masked softmax, K/V copied per query head, hand-written LayerNorm and GELU.
+class NaiveBlock(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        C, hd = c.n_embd, c.head_dim
+        self.n_head, self.n_kv, self.hd = c.n_head, c.n_kv_groups, hd
+        self.ln1_w, self.ln1_b = nn.Parameter(torch.ones(C)), nn.Parameter(torch.zeros(C))
+        self.ln2_w, self.ln2_b = nn.Parameter(torch.ones(C)), nn.Parameter(torch.zeros(C))
+        self.q, self.k, self.v = nn.Linear(C, C), nn.Linear(C, c.n_kv_groups * hd), nn.Linear(C, c.n_kv_groups * hd)
+        self.proj, self.fc, self.fc_out = nn.Linear(C, C), nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+        self.register_buffer("mask", torch.tril(torch.ones(c.block_size, c.block_size)), persistent=False)
+
+    @staticmethod
+    def layer_norm(x, w, b, eps=1e-5):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + eps) * w + b
+
+    @staticmethod
+    def gelu(x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h = self.layer_norm(x, self.ln1_w, self.ln1_b)
+        q = self.q(h).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k(h).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v(h).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, nh, T, hd): copies
+        v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)
+        att = att.masked_fill(self.mask[:T, :T] == 0, float("-inf")).softmax(dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(B, T, C))
+        return x + self.fc_out(self.gelu(self.fc(self.layer_norm(x, self.ln2_w, self.ln2_b))))
+
+
+class NaiveGPT(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(c.padded_vocab_size, c.n_embd), nn.Embedding(c.block_size, c.n_embd)
+        self.blocks = nn.ModuleList(NaiveBlock(c) for _ in range(c.n_layer))
+        self.lnf_w, self.lnf_b = nn.Parameter(torch.ones(c.n_embd)), nn.Parameter(torch.zeros(c.n_embd))
+        for p in self.parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = NaiveBlock.layer_norm(x, self.lnf_w, self.lnf_b) @ self.wte.weight.t()
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+# --------------------------------------------------------------------------------------------------------------
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summarize(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Measured dense matmul FLOP/s (best of `repeats`) for an n x n x n product."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def spec_peak(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Lightning's per-GPU table of spec FLOP/s; None on CPUs and unknown chips."""
+    if device.type != "cuda":
+        return None
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    return get_available_flops(device, dtype)
+
+
+class TrainContender:
+    """One model + optimizer + precision; `run(steps)` returns tokens/s over those steps."""
+
+    def __init__(self, name, model, optimizer, x, y, autocast_dtype=None, hf=False):
+        self.name, self.model, self.opt, self.x, self.y = name, model.train(), optimizer, x, y
+        self.autocast_dtype, self.hf = autocast_dtype, hf
+        self.device = x.device
+
+    def step(self):
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            loss = self.model(self.x, labels=self.x).loss if self.hf else self.model(self.x, self.y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
+    def run(self, steps: int) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        _sync(self.device)
+        return steps * self.x.numel() / (time.perf_counter() - start)
+
+
+def hf_gpt2(config: GPTConfig, device):
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("bench.hf=true needs transformers: pip install -e '.[dev]' (or bench.hf=false)") from None
+    hf_config = transformers.GPT2Config(
+        vocab_size=config.padded_vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+        n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1, attn_implementation="sdpa")
+    model = transformers.GPT2LMHeadModel(hf_config).to(device)
+    assert model.config._attn_implementation == "sdpa"
+    return model
+
+
+def lightning_tokens_per_sec(cfg: DictConfig, steps: int, warmup: int, precision: str) -> float:
+    """Tokens/s of steps warmup..warmup+steps through Trainer.fit with the real DataModule (no validation)."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from gpt_lightning.module import GPTLightningModule
+
+    class Clock(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == warmup:
+                self.tokens, self.start = 0, time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step > warmup:
+                self.tokens += batch[0].numel()
+            if trainer.global_step == warmup + steps:
+                self.elapsed = time.perf_counter() - self.start
+
+    dm = instantiate(cfg.data, _convert_="all")
+    module = GPTLightningModule.from_config(gpt_config_from_cfg(cfg, dm.vocab_size),
+                                            OmegaConf.to_container(cfg.optim, resolve=True))
+    clock = Clock()
+    trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=precision,
+                        max_steps=warmup + steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
+                        gradient_clip_val=cfg.trainer.gradient_clip_val, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    return clock.tokens / clock.elapsed
+
+
+@torch.no_grad()
+def decode_rate(model, prompt, new_tokens, hf=False) -> float:
+    _sync(prompt.device)
+    start = time.perf_counter()
+    if hf:
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       use_cache=True, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    else:
+        for _ in stream_tokens(model, prompt, new_tokens, temperature=0):
+            pass
+    _sync(prompt.device)
+    return prompt.size(0) * new_tokens / (time.perf_counter() - start)
+
+
+def bench(cfg: DictConfig) -> dict:
+    b = cfg.bench
+    keep_freed_memory()
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+                          else "cpu")
+    vocab = 50257 if cfg.data.encoding == "gpt2" else 256 + 1 if cfg.data.encoding == "bytes" else None
+    if vocab is None:
+        from gpt_lightning.data.tokens import get_encoding
+
+        vocab = get_encoding(cfg.data.encoding).n_vocab
+    config = gpt_config_from_cfg(cfg, vocab)
+    B, T = cfg.data.batch_size, config.block_size
+    x = torch.randint(0, config.vocab_size, (B, T), device=device)
+    y = torch.roll(x, -1, dims=1)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported() or device.type == "cpu" and cpu_has_bf16()
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    fused = device.type in ("cuda", "cpu")
+
+    def ours(compile_=False):
+        torch.manual_seed(cfg.seed)
+        model = GPT(config).to(device)
+        if compile_:
+            model.compile()
+        return model, make_optimizer(model, optim, fused=fused)
+
+    contenders = []
+    m, o = ours()
+    contenders.append(TrainContender("ours fp32", m, o, x, y))
+    if bf16:
+        m, o = ours()
+        contenders.append(TrainContender("ours bf16-mixed", m, o, x, y, autocast_dtype=torch.bfloat16))
+    if b.compile:
+        m, o = ours(compile_=True)
+        contenders.append(TrainContender(f"ours {'bf16-mixed' if bf16 else 'fp32'} compiled", m, o, x, y,
+                                         autocast_dtype=torch.bfloat16 if bf16 else None))
+    if b.hf:
+        hf = hf_gpt2(config, device)
+        contenders.append(TrainContender("HF GPT2LMHeadModel fp32 (sdpa)", hf,
+                                         torch.optim.AdamW(hf.parameters(), lr=optim["lr"]), x, y, hf=True))
+    if b.naive:
+        naive = NaiveGPT(config).to(device)
+        contenders.append(TrainContender("naive reference fp32", naive,
+                                         torch.optim.AdamW(naive.parameters(), lr=optim["lr"]), x, y))
+
+    for c in contenders:  # warm-up: kernels, allocator, compile
+        c.run(b.warmup_steps)
+    train: dict[str, list[float]] = {c.name: [] for c in contenders}
+    lightning_rates: list[float] = []
+    precision = "bf16-mixed" if bf16 else "32-true"
+    for r in range(b.repeats):
+        for c in contenders:
+            train[c.name].append(c.run(b.steps))
+        if b.lightning:
+            lightning_rates.append(lightning_tokens_per_sec(cfg, b.steps, b.warmup_steps, precision))
+        print(f"round {r + 1}/{b.repeats}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in train.items()), flush=True)
+    if b.lightning:
+        train[f"Lightning Trainer + DataModule ({precision})"] = lightning_rates
+
+    # decode
+    for c in contenders:
+        c.model.eval()
+    prompt1 = torch.randint(0, config.vocab_size, (1, b.decode_prompt_tokens), device=device)
+    decoders = {"ours fp32": (contenders[0].model, False)}
+    if bf16 or b.decode_bf16:
+        decoders["ours bf16 weights"] = (GPT(config).to(device).to(torch.bfloat16).eval(), False)
+        decoders["ours bf16 weights"][0].load_state_dict(contenders[0].model.state_dict())
+    if b.hf:
+        decoders["HF generate fp32"] = (hf.eval(), True)
+    decode: dict[str, list[float]] = {}
+    for bs in b.decode_batch_sizes:
+        prompt = prompt1.expand(bs, -1).contiguous()
+        for name, (model, is_hf) in decoders.items():
+            decode_rate(model, prompt, 8, is_hf)  # warm-up
+        for _ in range(b.repeats):
+            for name, (model, is_hf) in decoders.items():
+                decode.setdefault(f"{name} b{bs}", []).append(decode_rate(model, prompt, b.decode_new_tokens, is_hf))
+
+    # peaks and MFU
+    flops_per_token = contenders[0].model.flops_per_token(T)
+    peaks = {"fp32": matmul_peak(device, torch.float32)}
+    if bf16:
+        peaks["bf16"] = matmul_peak(device, torch.bfloat16)
+    spec = {k: spec_peak(device, d) for k, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    training = {}
+    for name, rates in train.items():
+        s = summarize(rates)
+        key = "bf16" if "bf16" in name else "fp32"
+        s["mfu_measured_peak"] = s["median"] * flops_per_token / peaks[key] if key in peaks else None
+        s["mfu_spec_peak"] = s["median"] * flops_per_token / spec[key] if spec.get(key) else None
+        training[name] = s
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "shape": {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head,
+                  "kv_groups": config.n_kv_groups, "block_size": T, "batch_size": B,
+                  "vocab": config.padded_vocab_size, "attention": cfg.attention.type},
+        "flops_per_token": flops_per_token,
+        "matmul_peak_flops": peaks, "spec_peak_flops": spec,
+        "training_tokens_per_sec": training,
+        "decode_tokens_per_sec": {k: summarize(v) for k, v in decode.items()},
+        "kv_cache_bytes_per_token": {
+            "configured": kv_cache_bytes_per_token(config.n_layer, config.n_kv_groups, config.head_dim),
+            "mha": kv_cache_bytes_per_token(config.n_layer, config.n_head, config.head_dim)},
+        "decode_prompt_tokens": b.decode_prompt_tokens, "decode_new_tokens": b.decode_new_tokens,
+        "repeats": b.repeats, "steps": b.steps,
+    }
+    result["ratios"] = ratios(result)
+    return result
+
+
+def ratios(r: dict) -> dict:
+    t = {k: v["median"] for k, v in r["training_tokens_per_sec"].items()}
+    d = {k: v["median"] for k, v in r["decode_tokens_per_sec"].items()}
+    hf = next((v for k, v in t.items() if k.startswith("HF")), None)
+    out = {}
+    if hf:
+        out["train: ours fp32 / HF fp32"] = t["ours fp32"] / hf
+        if "ours bf16-mixed" in t:
+            out["train: ours bf16-mixed / HF fp32"] = t["ours bf16-mixed"] / hf
+    lightning = next((v for k, v in t.items() if k.startswith("Lightning")), None)
+    if lightning:
+        bare = t.get("ours bf16-mixed") if "bf16" in next(k for k in t if k.startswith("Lightning")) else t["ours fp32"]
+        out["train: Lightning / bare loop (same precision)"] = lightning / bare
+    for key in d:
+        if key.startswith("HF generate"):
+            bs = key.rsplit(" ", 1)[1]
+            out[f"decode {bs}: ours fp32 / HF fp32"] = d[f"ours fp32 {bs}"] / d[key]
+            if f"ours bf16 weights {bs}" in d:
+                out[f"decode {bs}: ours bf16 / HF fp32"] = d[f"ours bf16 weights {bs}"] / d[key]
+    kv = r["kv_cache_bytes_per_token"]
+    out["KV cache: configured / MHA"] = kv["configured"] / kv["mha"]
+    return out
+
+
+def format_table(r: dict) -> str:
+    lines = [f"device: {r['device']}, torch {r['torch']}, shape: {r['shape']}",
+             "matmul peak (measured): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in r["matmul_peak_flops"].items()),
+             "", f"{'training (tokens/s)':<48} {'median':>9} {'min-max':>15} {'MFU':>6}"]
+    for name, s in r["training_tokens_per_sec"].items():
+        mfu = f"{s['mfu_measured_peak']:.0%}" if s.get("mfu_measured_peak") else "-"
+        lines.append(f"{name:<48} {s['median']:>9.0f} {s['min']:>7.0f}-{s['max']:<7.0f} {mfu:>6}")
+    lines += ["", f"{'decode (new tokens/s, KV cache, greedy)':<48} {'median':>9} {'min-max':>15}"]
+    for name, s in r["decode_tokens_per_sec"].items():
+        lines.append(f"{name:<48} {s['median']:>9.1f} {s['min']:>7.1f}-{s['max']:<7.1f}")
+    kv = r["kv_cache_bytes_per_token"]
+    lines += ["", f"KV-cache bytes per token (fp32): configured {kv['configured']:,}, MHA {kv['mha']:,}", "", "ratios:"]
+    lines += [f"  {k:<46} {v:.2f}" for k, v in r["ratios"].items()]
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    try:
+        result = bench(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(format_table(result))
+    out = Path(cfg.bench.json)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out.resolve()}")
+
+
+if __name__ == "__main__":
+    main()

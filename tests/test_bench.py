@@ -1,0 +1,53 @@
+"""The benchmark CLI at a tiny shape: every column is produced (no timing assertions)."""
+
+import json
+import subprocess
+import sys
+
+import torch
+from conftest import REPO
+
+from gpt_lightning.bench import NaiveGPT
+from gpt_lightning.model import GPT, GPTConfig
+
+
+def test_naive_reference_computes_the_same_function():
+    """Same weights, same loss: the naive model is a fair reference, not a different network."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=4, n_kv_groups=2, n_embd=32)
+    ours, naive = GPT(config).eval(), NaiveGPT(config).eval()
+    with torch.no_grad():
+        naive.wte.weight.copy_(ours.transformer.wte.weight)
+        naive.wpe.weight.copy_(ours.transformer.wpe.weight)
+        for a, b in zip(ours.transformer.h, naive.blocks):
+            C = 32
+            w, bias = a.attn.c_attn.weight, a.attn.c_attn.bias
+            b.q.weight.copy_(w[:C]); b.q.bias.copy_(bias[:C])
+            b.k.weight.copy_(w[C:C + 16]); b.k.bias.copy_(bias[C:C + 16])
+            b.v.weight.copy_(w[C + 16:]); b.v.bias.copy_(bias[C + 16:])
+            b.proj.load_state_dict(a.attn.c_proj.state_dict())
+            b.fc.load_state_dict(a.mlp.c_fc.state_dict())
+            b.fc_out.load_state_dict(a.mlp.c_proj.state_dict())
+    x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
+    torch.testing.assert_close(naive(x, y), ours(x, y), atol=1e-5, rtol=1e-5)
+
+
+def test_bench_produces_every_column(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "gpt_lightning.bench", "experiment=debug", "bench.steps=1", "bench.warmup_steps=1",
+         "bench.repeats=2", "bench.decode_new_tokens=4", "bench.decode_bf16=true", f"bench.json={out}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(out.read_text())
+    train = r["training_tokens_per_sec"]
+    assert {"ours fp32", "HF GPT2LMHeadModel fp32 (sdpa)", "naive reference fp32"} <= set(train)
+    assert all(s["n"] == 2 and s["min"] <= s["median"] <= s["max"] and s["mfu_measured_peak"] > 0 for s in train.values())
+    decode = r["decode_tokens_per_sec"]
+    for b in (1, 8):
+        assert {f"ours fp32 b{b}", f"ours bf16 weights b{b}", f"HF generate fp32 b{b}"} <= set(decode)
+    assert r["kv_cache_bytes_per_token"] == {"configured": 2 * 2 * 2 * 16 * 4, "mha": 2 * 2 * 4 * 16 * 4}
+    assert r["ratios"]["KV cache: configured / MHA"] == 0.5
+    assert "train: ours fp32 / HF fp32" in r["ratios"] and "decode b1: ours fp32 / HF fp32" in r["ratios"]
+    assert r["matmul_peak_flops"]["fp32"] > 0
+    assert "ratios:" in result.stdout and "ours fp32 b1" in result.stdout

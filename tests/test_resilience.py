@@ -1,0 +1,181 @@
+"""Through failures and across processes: DDP on 2 CPU processes, multirun + DDP, kill -9 and SIGTERM,
+refused checkpoints, determinism, SLURM launcher config."""
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, GutenbergServer, gutenberg_text, portuguese_paragraphs
+from hydra import compose, initialize_config_dir
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+BOOKS = [92001, 92002]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    server = GutenbergServer(tmp_path_factory.mktemp("site"))
+    for book in BOOKS:
+        server.add_book(book, gutenberg_text(f"Livro {book}", portuguese_paragraphs(book, 120)))
+    yield server, tmp_path_factory.mktemp("data")
+    server.close()
+
+
+def command(corpus, *overrides, multirun=False):
+    server, data_root = corpus
+    return [sys.executable, "-m", "gpt_lightning.train", *(["-m"] if multirun else []), "experiment=debug",
+            f"data.base_url={server.base_url}", f"data.books=[{','.join(map(str, BOOKS))}]",
+            f"data.root={data_root}", "data.pause=0", "trainer.accelerator=cpu",
+            "callbacks.progress_bar.refresh_rate=0", "generation.prompts=[]", *overrides]
+
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def train(corpus, cwd, *overrides, multirun=False):
+    return subprocess.run(command(corpus, *overrides, multirun=multirun), cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env=ENV)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """train/loss by step, from every event file of the run."""
+    out = {}
+    for f in sorted((run_dir / "tb").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "train/loss" in acc.Tags()["scalars"]:
+            out.update({e.step: e.value for e in acc.Scalars("train/loss")})
+    return out
+
+
+def step_of(ckpt: Path) -> int:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+
+
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory):
+    """The reference: one process, global batch 8, a loss logged every step."""
+    cwd = tmp_path_factory.mktemp("single")
+    r = train(corpus, cwd, "hydra.run.dir=run", "data.batch_size=8", "trainer.max_steps=30",
+              "trainer.log_every_n_steps=1", "trainer.val_check_interval=10")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cwd / "run"
+
+
+def test_same_seed_same_loss_at_every_step(corpus, single, tmp_path):
+    r = train(corpus, tmp_path, "hydra.run.dir=again", "data.batch_size=8", "trainer.max_steps=30",
+              "trainer.log_every_n_steps=1", "trainer.val_check_interval=10")
+    assert r.returncode == 0, r.stderr[-3000:]
+    first, again = losses(single), losses(tmp_path / "again")
+    assert len(first) >= 29 and first == again
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(corpus, single, tmp_path):
+    r = train(corpus, tmp_path, "hydra.run.dir=ddp", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+              "data.batch_size=4", "trainer.max_steps=30", "trainer.log_every_n_steps=1",
+              "trainer.val_check_interval=10")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp, ref = losses(tmp_path / "ddp"), losses(single)
+    assert sorted(ddp) == sorted(ref)
+    worst = max(abs(ddp[s] - ref[s]) for s in ref)
+    assert worst < 2e-3, f"2-process DDP loss differs from 1 process by up to {worst}"
+    # rank 0 alone wrote the run: one directory, one set of checkpoints, no per-rank Hydra folders
+    assert step_of(tmp_path / "ddp" / "checkpoints" / "last.ckpt") == 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+
+
+def test_multirun_with_ddp_keeps_one_directory_per_job(corpus, tmp_path):
+    r = train(corpus, tmp_path, "attention.kv_groups=1,2", "trainer=ddp", "trainer.accelerator=cpu",
+              "trainer.devices=2", "data.batch_size=4", "trainer.max_steps=4", "trainer.val_check_interval=2",
+              "hydra.sweep.dir=sweep", multirun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert jobs == ["0_gqa_h4_kv1", "1_gqa_h4_kv2"]
+    for job in jobs:
+        assert step_of(tmp_path / "sweep" / job / "checkpoints" / "last.ckpt") == 4
+
+
+def test_kill_9_then_resume_continues_the_same_curve(corpus, single, tmp_path):
+    proc = subprocess.Popen(command(corpus, "hydra.run.dir=run", "data.batch_size=8", "trainer.max_steps=30",
+                                    "trainer.log_every_n_steps=1", "trainer.val_check_interval=10"),
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = step_of(last)
+    assert 10 <= saved < 30, "the run must be killed between checkpoints"
+    r = train(corpus, tmp_path, "hydra.run.dir=run", "ckpt_path=last", "data.batch_size=8", "trainer.max_steps=30",
+              "trainer.log_every_n_steps=1", "trainer.val_check_interval=10")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert step_of(last) == 30
+    resumed, ref = losses(tmp_path / "run"), losses(single)
+    after = [s for s in ref if s > saved]
+    assert after and all(abs(resumed[s] - ref[s]) < 1e-5 for s in after), \
+        {s: (resumed.get(s), ref[s]) for s in after}
+
+
+def test_sigterm_writes_a_checkpoint_before_exit(corpus, tmp_path):
+    proc = subprocess.Popen(command(corpus, "hydra.run.dir=run", "trainer.max_steps=100000",
+                                    "trainer.val_check_interval=5"),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # let it train past the periodic checkpoint
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    match = re.search(r"SIGTERM: saved (\S+) at step (\d+)", err)
+    assert match, err[-3000:]
+    assert Path(match[1]) == last.resolve() and step_of(last) == int(match[2]) > 0
+
+
+@pytest.mark.parametrize("kind", ["foreign", "truncated", "other_shape"])
+def test_a_bad_resume_checkpoint_is_refused_and_left_untouched(corpus, single, tmp_path, kind):
+    bad = tmp_path / "bad.ckpt"
+    good = (single / "checkpoints" / "last.ckpt").read_bytes()
+    extra = []
+    if kind == "foreign":
+        torch.save({"weights": torch.zeros(3)}, bad)
+    elif kind == "truncated":
+        bad.write_bytes(good[: len(good) // 2])
+    else:
+        bad.write_bytes(good)
+        extra = ["attention.kv_groups=1"]
+    digest = hashlib.sha256(bad.read_bytes()).hexdigest()
+    r = train(corpus, tmp_path, "hydra.run.dir=run", f"ckpt_path={bad}", *extra)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and str(bad) in line
+    assert ("another model shape" in line) if kind == "other_shape" else ("not a gpt_lightning checkpoint" in line)
+    assert hashlib.sha256(bad.read_bytes()).hexdigest() == digest
+
+
+def test_more_gpus_than_exist_is_one_clear_line(corpus, tmp_path):
+    r = train(corpus, tmp_path, "hydra.run.dir=run", "trainer.accelerator=gpu", "trainer.devices=4")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: trainer.accelerator=gpu but no CUDA GPU")
+
+
+def test_slurm_launcher_gets_the_node_and_task_counts():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is part of dev")
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = compose("config", return_hydra_config=True, overrides=[
+            "hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "trainer.devices=8",
+            "hydra.launcher.partition=gpu"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
+    assert launcher.partition == "gpu" and launcher.additional_parameters.signal == "USR1@120"
+    assert (cfg.trainer.num_nodes, cfg.trainer.strategy) == (2, "ddp")
