@@ -32,8 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from gpt_lightning.config import gpt_config_from_cfg
 from gpt_lightning.device import cpu_has_bf16, keep_freed_memory
 from gpt_lightning.errors import UserError
-from gpt_lightning.generation import stream_tokens
 from gpt_lightning.kv_cache import kv_cache_bytes_per_token
+from gpt_lightning.measure import sync, time_decode
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.module import make_optimizer
 
@@ -94,11 +94,6 @@ class NaiveGPT(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
@@ -109,10 +104,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
     a @ b
     best = 0.0
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         best = max(best, 2 * n**3 / (time.perf_counter() - start))
     return best
 
@@ -129,9 +124,9 @@ def spec_peak(device: torch.device, dtype: torch.dtype) -> float | None:
 class TrainContender:
     """One model + optimizer + precision; `run(steps)` returns tokens/s over those steps."""
 
-    def __init__(self, name, model, optimizer, x, y, autocast_dtype=None, hf=False):
+    def __init__(self, name, model, optimizer, x, y, autocast_dtype=None, hf=False, clip=None):
         self.name, self.model, self.opt, self.x, self.y = name, model.train(), optimizer, x, y
-        self.autocast_dtype, self.hf = autocast_dtype, hf
+        self.autocast_dtype, self.hf, self.clip = autocast_dtype, hf, clip
         self.device = x.device
 
     def step(self):
@@ -139,16 +134,18 @@ class TrainContender:
                             enabled=self.autocast_dtype is not None):
             loss = self.model(self.x, labels=self.x).loss if self.hf else self.model(self.x, self.y)
         loss.backward()
+        if self.clip:  # our training setup clips, as trainer.gradient_clip_val does
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return loss
 
     def run(self, steps: int) -> float:
-        _sync(self.device)
+        sync(self.device)
         start = time.perf_counter()
         for _ in range(steps):
             self.step()
-        _sync(self.device)
+        sync(self.device)
         return steps * self.x.numel() / (time.perf_counter() - start)
 
 
@@ -196,20 +193,6 @@ def lightning_tokens_per_sec(cfg: DictConfig, steps: int, warmup: int, precision
     return clock.tokens / clock.elapsed
 
 
-@torch.no_grad()
-def decode_rate(model, prompt, new_tokens, hf=False) -> float:
-    _sync(prompt.device)
-    start = time.perf_counter()
-    if hf:
-        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       use_cache=True, pad_token_id=0, attention_mask=torch.ones_like(prompt))
-    else:
-        for _ in stream_tokens(model, prompt, new_tokens, temperature=0):
-            pass
-    _sync(prompt.device)
-    return prompt.size(0) * new_tokens / (time.perf_counter() - start)
-
-
 def bench(cfg: DictConfig) -> dict:
     b = cfg.bench
     keep_freed_memory()
@@ -236,16 +219,17 @@ def bench(cfg: DictConfig) -> dict:
             model.compile()
         return model, make_optimizer(model, optim, fused=fused)
 
+    clip = cfg.trainer.gradient_clip_val
     contenders = []
     m, o = ours()
-    contenders.append(TrainContender("ours fp32", m, o, x, y))
+    contenders.append(TrainContender("ours fp32", m, o, x, y, clip=clip))
     if bf16:
         m, o = ours()
-        contenders.append(TrainContender("ours bf16-mixed", m, o, x, y, autocast_dtype=torch.bfloat16))
+        contenders.append(TrainContender("ours bf16-mixed", m, o, x, y, autocast_dtype=torch.bfloat16, clip=clip))
     if b.compile:
         m, o = ours(compile_=True)
         contenders.append(TrainContender(f"ours {'bf16-mixed' if bf16 else 'fp32'} compiled", m, o, x, y,
-                                         autocast_dtype=torch.bfloat16 if bf16 else None))
+                                         autocast_dtype=torch.bfloat16 if bf16 else None, clip=clip))
     if b.hf:
         hf = hf_gpt2(config, device)
         contenders.append(TrainContender("HF GPT2LMHeadModel fp32 (sdpa)", hf,
@@ -272,7 +256,9 @@ def bench(cfg: DictConfig) -> dict:
     # decode
     for c in contenders:
         c.model.eval()
-    prompt1 = torch.randint(0, config.vocab_size, (1, b.decode_prompt_tokens), device=device)
+    prompt_len = min(b.decode_prompt_tokens, T - 1)
+    new_tokens = min(b.decode_new_tokens, T - prompt_len)  # inside the context: decode, not re-prefill, is timed
+    prompt1 = torch.randint(0, config.vocab_size, (1, prompt_len), device=device)
     decoders = {"ours fp32": (contenders[0].model, False)}
     if bf16 or b.decode_bf16:
         decoders["ours bf16 weights"] = (GPT(config).to(device).to(torch.bfloat16).eval(), False)
@@ -283,10 +269,10 @@ def bench(cfg: DictConfig) -> dict:
     for bs in b.decode_batch_sizes:
         prompt = prompt1.expand(bs, -1).contiguous()
         for name, (model, is_hf) in decoders.items():
-            decode_rate(model, prompt, 8, is_hf)  # warm-up
+            time_decode(model, prompt, 8, is_hf)  # warm-up
         for _ in range(b.repeats):
             for name, (model, is_hf) in decoders.items():
-                decode.setdefault(f"{name} b{bs}", []).append(decode_rate(model, prompt, b.decode_new_tokens, is_hf))
+                decode.setdefault(f"{name} b{bs}", []).append(time_decode(model, prompt, new_tokens, is_hf))
 
     # peaks and MFU
     flops_per_token = contenders[0].model.flops_per_token(T)
@@ -314,7 +300,7 @@ def bench(cfg: DictConfig) -> dict:
         "kv_cache_bytes_per_token": {
             "configured": kv_cache_bytes_per_token(config.n_layer, config.n_kv_groups, config.head_dim),
             "mha": kv_cache_bytes_per_token(config.n_layer, config.n_head, config.head_dim)},
-        "decode_prompt_tokens": b.decode_prompt_tokens, "decode_new_tokens": b.decode_new_tokens,
+        "decode_prompt_tokens": prompt_len, "decode_new_tokens": new_tokens,
         "repeats": b.repeats, "steps": b.steps,
     }
     result["ratios"] = ratios(result)

@@ -7,7 +7,11 @@ import logging
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from gpt_lightning.errors import UserError
+from gpt_lightning.generation import check_sampling
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,9 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 class GenerationCallback(L.Callback):
     def __init__(self, prompts, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = 50,
                  top_p: float | None = None, seed: int = 1234):
+        check_sampling(temperature, top_k, top_p)  # before training, not after the first validation
+        if max_new_tokens < 1:
+            raise UserError(f"generation.max_new_tokens={max_new_tokens} must be >= 1 (or generation.prompts=[])")
         self.prompts = list(prompts)
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
@@ -67,6 +74,8 @@ class CheckpointOnSigterm(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         checkpoint = trainer.checkpoint_callback
         if not isinstance(exception, SIGTERMException) or checkpoint is None or not checkpoint.dirpath:
+            return
+        if trainer.state.fn != TrainerFn.FITTING:  # during test/validate the weights may be another checkpoint's
             return
         path = f"{checkpoint.dirpath}/last.ckpt"
         trainer.save_checkpoint(path)

@@ -25,9 +25,9 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def load_gpt(path: str | Path, map_location="cpu") -> tuple[GPT, dict]:
-    """(GPT in eval mode, hyperparameters) from a checkpoint."""
-    ckpt = load_checkpoint(path)
+def load_gpt(path_or_ckpt: str | Path | dict, map_location="cpu") -> tuple[GPT, dict]:
+    """(GPT in eval mode, hyperparameters) from a checkpoint path, or a checkpoint dict already loaded."""
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else load_checkpoint(path_or_ckpt)
     hparams = ckpt["hyper_parameters"]
     model = GPT(GPTConfig(**hparams["model"]))
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}

@@ -14,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-import yaml
+from omegaconf import OmegaConf
 
 from gpt_lightning.errors import UserError
 from gpt_lightning.kv_cache import kv_cache_bytes_per_token
@@ -50,8 +50,11 @@ def _finite(x) -> float | None:
 def read_run(run: Path, root: Path) -> dict:
     row: dict = {"run": str(run.relative_to(root)) or "."}
     cfg_file = run / ".hydra" / "config.yaml"
-    cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
-    att, model = cfg.get("attention", {}), cfg.get("model", {})
+    att, model = {}, {}
+    if cfg_file.is_file():  # saved unresolved (mha's kv_groups is ${.n_heads}): resolve what we read
+        cfg = OmegaConf.load(cfg_file)
+        att = OmegaConf.to_container(cfg.attention, resolve=True) if "attention" in cfg else {}
+        model = OmegaConf.to_container(cfg.model, resolve=True) if "model" in cfg else {}
     row.update(attention=att.get("type"), n_head=att.get("n_heads"), kv_groups=att.get("kv_groups"))
     scalars = read_scalars(run) if (run / "tb").is_dir() else {}
     curve = scalars.get("val/loss", [])
@@ -68,7 +71,8 @@ def read_run(run: Path, root: Path) -> dict:
         row["status"] = "incomplete (no summary; last checkpoint kept)" if has_ckpt else "crashed (no checkpoint)"
         row["best_val_loss"] = min((v for _, v in curve), default=None)
         row["steps"] = max((s for s, _ in scalars.get("train/loss", [])), default=None)
-        tput = scalars.get("train/items_per_sec", [])
+        # ThroughputMonitor: train/device/items_per_sec on one device, train/items_per_sec (all ranks) with DDP
+        tput = scalars.get("train/items_per_sec") or scalars.get("train/device/items_per_sec") or []
         row["train_tokens_per_sec"] = tput[-1][1] if tput else None
         if att and model.get("n_embd"):
             row["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(

@@ -62,13 +62,18 @@ def load_hf_gpt2(path: str | Path, kv_groups: int | None = None) -> GPT:
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise UserError(f"init_from=hf:{path}: no config.json there; pass a Hugging Face GPT-2 folder")
-    hf = json.loads((path / "config.json").read_text())
+    try:
+        hf = json.loads((path / "config.json").read_text())
+        shape = {k: int(hf[k]) for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd")}
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path / 'config.json'} is not a GPT-2 config ({type(e).__name__}: {e}); "
+                        f"pass a folder written by GPT2LMHeadModel.save_pretrained") from None
     if hf.get("model_type", "gpt2") != "gpt2":
         raise UserError(f"{path}: model_type={hf.get('model_type')!r}, only gpt2 checkpoints are supported")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"{path}: activation_function={hf['activation_function']!r}; ours is GELU(tanh)")
-    config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                       n_head=hf["n_head"], n_kv_groups=hf["n_head"], n_embd=hf["n_embd"])
+    config = GPTConfig(vocab_size=shape["vocab_size"], block_size=shape["n_positions"], n_layer=shape["n_layer"],
+                       n_head=shape["n_head"], n_kv_groups=shape["n_head"], n_embd=shape["n_embd"])
     model = GPT(config)
     hf_state = {k.removeprefix("transformer."): v for k, v in _read_hf_state(path).items()}
     ours = model.state_dict()

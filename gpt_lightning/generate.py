@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import re
 import sys
 
 import hydra
@@ -61,13 +62,16 @@ def generate(cfg: DictConfig, out=sys.stdout) -> list[int]:
 
 
 def quote_prompt_override(args: list[str]) -> list[str]:
-    """`prompt=Capítulo I` as the shell passes it would break Hydra's override grammar (spaces, commas,
-    quotes): quote the value unless the user already did."""
+    """`prompt=Capítulo I, ${x}` as the shell passes it would break Hydra's override grammar (spaces, commas,
+    quotes, interpolations): quote the value unless the user already did. Inside Hydra's quotes a backslash is
+    special only before a quote, so only quotes, backslashes before them and `${` are escaped."""
     fixed = []
     for arg in args:
         key, sep, value = arg.partition("=")
         if key in ("prompt", "+prompt") and sep and not (len(value) > 1 and value[0] == value[-1] and value[0] in "'\""):
-            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            value = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", value)  # backslashes before a quote double
+            value = re.sub(r"(\\+)$", lambda m: m[1] * 2, value)  # ... and before the closing quote
+            value = "'" + value.replace("${", "\\${") + "'"
         fixed.append(f"{key}{sep}{value}")
     return fixed
 

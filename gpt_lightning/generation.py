@@ -65,13 +65,17 @@ def cpu_matvec_layout(model: nn.Module, max_rows: int = 8):
             return y.view(*x.shape[:-1], -1)
         return forward
 
+    saved = [m.__dict__.get("forward") for m in linears]  # an instance forward set by someone else, or None
     try:
         for m in linears:
             m.forward = fast_forward(m, m.weight.detach().t().contiguous())
         yield
     finally:
-        for m in linears:
-            del m.forward  # back to nn.Linear.forward
+        for m, forward in zip(linears, saved):
+            if forward is None:
+                m.__dict__.pop("forward", None)  # back to nn.Linear.forward
+            else:
+                m.forward = forward
 
 
 @torch.no_grad()

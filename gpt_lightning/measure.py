@@ -12,26 +12,31 @@ import torch
 from gpt_lightning.generation import stream_tokens
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
-def decode_tokens_per_sec(model, prompt: torch.Tensor, new_tokens: int = 64, repeats: int = 3) -> float:
-    """Greedy KV-cached decode speed, new tokens per second (all batch rows counted), median of `repeats`
-    after one warm-up."""
-    device = prompt.device
-    rates = []
-    for i in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
+def time_decode(model, prompt: torch.Tensor, new_tokens: int, hf: bool = False) -> float:
+    """One greedy KV-cached decode of `new_tokens` after (B, T) `prompt`: new tokens per second, all rows counted.
+    `hf=True` times a Hugging Face model's own `generate` the same way."""
+    sync(prompt.device)
+    start = time.perf_counter()
+    if hf:
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       use_cache=True, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    else:
         for _ in stream_tokens(model, prompt, new_tokens, temperature=0):
             pass
-        _sync(device)
-        if i:  # the first pass warms up kernels and allocators
-            rates.append(prompt.size(0) * new_tokens / (time.perf_counter() - start))
-    return statistics.median(rates)
+    sync(prompt.device)
+    return prompt.size(0) * new_tokens / (time.perf_counter() - start)
+
+
+def decode_tokens_per_sec(model, prompt: torch.Tensor, new_tokens: int = 64, repeats: int = 3) -> float:
+    """Median of `repeats` timed decodes after one warm-up (kernels, allocator)."""
+    time_decode(model, prompt, new_tokens)
+    return statistics.median(time_decode(model, prompt, new_tokens) for _ in range(repeats))
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:

@@ -75,7 +75,7 @@ class GPTLightningModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.val_loss.update(self.model(x, y))
+        self.val_loss.update(self.model(x, y), weight=x.size(0))  # per window, also for a short last batch
 
     def on_validation_epoch_end(self):
         loss = self.val_loss.compute()
@@ -84,7 +84,7 @@ class GPTLightningModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         x, y = batch
-        self.test_loss.update(self.model(x, y))
+        self.test_loss.update(self.model(x, y), weight=x.size(0))
 
     def on_test_epoch_end(self):
         loss = self.test_loss.compute()

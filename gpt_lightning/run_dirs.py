@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from gpt_lightning.errors import UserError
@@ -27,6 +29,9 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path, outputs_root: Path) 
     return str(path.resolve())
 
 
+VALUE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")  # Hydra flags with a value
+
+
 def pin_ddp_children_to_this_job() -> None:
     """Make Lightning's DDP child processes rejoin this Hydra job's directory, also inside a multirun.
 
@@ -42,8 +47,42 @@ def pin_ddp_children_to_this_job() -> None:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return
-    sys.argv[1:] = [o for o in hc.overrides.task if not o.startswith("hydra.sweep.")]
+    # Keep flags such as --config-dir; drop -m; give the job's concrete overrides, and force a single run
+    # (a config may itself set hydra.mode=MULTIRUN, as experiment=kv_sweep does).
+    flags, args = [], sys.argv[1:]
+    for i, a in enumerate(args):
+        if a.startswith("-") and a not in ("-m", "--multirun"):
+            flags.append(a)
+            if a in VALUE_FLAGS and i + 1 < len(args):
+                flags.append(args[i + 1])
+    sys.argv[1:] = [*flags, *hc.overrides.task, "hydra.mode=RUN"]
     OmegaConf.set_readonly(hc, False)
     with open_dict(hc):
         hc.run.dir = hc.runtime.output_dir
     OmegaConf.set_readonly(hc, True)
+
+
+# What Lightning's DDP launcher writes into os.environ when it starts the other ranks.
+DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextmanager
+def one_ddp_job():
+    """Leave no DDP state behind for the next multirun job in this process.
+
+    After a DDP job, LOCAL_RANK & co. stay in os.environ, and Lightning then believes an outside launcher
+    started this process: the next job would not start its other ranks and would wait for them forever.
+    """
+    import torch.distributed as dist
+
+    before = {k: os.environ.get(k) for k in DDP_ENV}
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

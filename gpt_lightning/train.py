@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -11,6 +12,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from hydra.utils import get_original_cwd, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,10 +23,17 @@ from gpt_lightning.convert import init_state_from
 from gpt_lightning.device import keep_freed_memory, resolve_precision, uses_cuda
 from gpt_lightning.errors import UserError
 from gpt_lightning.module import GPTLightningModule
-from gpt_lightning.run_dirs import pin_ddp_children_to_this_job, resolve_ckpt_path
+from gpt_lightning.run_dirs import one_ddp_job, pin_ddp_children_to_this_job, resolve_ckpt_path
 from gpt_lightning.summary import log_hparams_start, write_summary
 
 log = logging.getLogger(__name__)
+
+
+def check_schedule(trainer_args: dict) -> None:
+    """The cosine schedule spans the run, so the run needs an end."""
+    if (trainer_args.get("max_steps") or -1) < 0 and (trainer_args.get("max_epochs") or -1) < 0:
+        raise UserError("trainer.max_steps=-1 with trainer.max_epochs=-1 never ends, and the learning-rate schedule "
+                        "spans the run: set trainer.max_steps (e.g. 3000) or trainer.max_epochs")
 
 
 def check_devices(trainer_args: dict) -> None:
@@ -72,6 +81,7 @@ def train(cfg: DictConfig) -> dict:
     pin_ddp_children_to_this_job()
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     check_devices(trainer_args)
+    check_schedule(trainer_args)
     trainer_args["precision"] = resolve_precision(trainer_args.get("precision", "auto"),
                                                   trainer_args.get("accelerator", "auto"))
     trainer = L.Trainer(**trainer_args, callbacks=callbacks, logger=loggers, default_root_dir=run_dir)
@@ -101,10 +111,14 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics = train(cfg)
+        with one_ddp_job():
+            metrics = train(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:  # preempted: say so to the scheduler (a bare SystemExit would exit 0)
+        print("stopped by SIGTERM; resume with ckpt_path=last and this run's hydra.run.dir", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     return metrics.get("val/loss")  # what a Hydra sweeper would minimise
 
 

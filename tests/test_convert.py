@@ -83,6 +83,11 @@ def test_load_hf_gpt2_matches_hf_logits(hf_gpt2_dir):
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=1e-5)
     assert ours.config.padded_vocab_size == 320
+    y = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():  # HF shifts labels itself: give it x followed by y's last token
+        labels = torch.cat([x[:, :1], y], dim=1)
+        hf_loss = hf(labels[:, :-1], labels=labels[:, :-1]).loss
+        torch.testing.assert_close(ours(labels[:, :-2], labels[:, 1:-1]), hf_loss, atol=1e-5, rtol=1e-5)
 
 
 def test_load_hf_gpt2_pooled_to_gqa(hf_gpt2_dir):

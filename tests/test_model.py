@@ -88,10 +88,11 @@ def test_query_head_reads_its_contiguous_kv_group():
     assert torch.any(y[..., 16:] != 0)
 
 
+@pytest.mark.parametrize("batch", [1, 2, 9])  # one row, few rows and prefill-sized rows take different paths
 @pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
-def test_greedy_generate_with_cache_equals_without(kv_groups):
+def test_greedy_generate_with_cache_equals_without(kv_groups, batch):
     model = tiny(kv_groups)
-    prompt = torch.randint(0, 100, (2, 5))
+    prompt = torch.randint(0, 100, (batch, 5))
     cached = model.generate(prompt, 30, temperature=0)  # runs past block_size=16, exercising the crop
     uncached = prompt
     for _ in range(30):
@@ -124,11 +125,12 @@ def test_top_k_one_is_greedy():
     assert torch.equal(model.generate(prompt, 8, temperature=1.0, top_k=1), model.generate(prompt, 8, temperature=0))
 
 
-def test_loss_is_cross_entropy_of_the_logits():
+def test_loss_is_cross_entropy_over_the_real_vocabulary():
     model = tiny()
     x, y = torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))
-    logits = model.lm_head(model.hidden_states(x))  # padded logits, as the loss sees them
-    torch.testing.assert_close(model(x, y), F.cross_entropy(logits.flatten(0, 1), y.flatten()))
+    with torch.no_grad():  # a padding row that would win every softmax if the loss counted it
+        model.transformer.wte.weight[100:] = model.transformer.h[0].ln_1.weight.new_full((32,), 5.0)
+    torch.testing.assert_close(model(x, y), F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -178,3 +180,20 @@ def test_bf16_weight_decode_matches_fp32_greedy_on_a_trained_model():
     diverged = (fp32 != low).nonzero()
     assert not len(diverged), f"bf16 greedy decode diverges from fp32 at new token {int(diverged[0])}: " \
                               f"fp32 {fp32.tolist()} vs bf16 {low.tolist()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_next_token_loss_matches_cross_entropy_value_and_gradient(dtype):
+    from gpt_lightning.model import NextTokenLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 320, dtype=dtype, requires_grad=True)  # 300 real tokens, 20 padding columns
+    targets = torch.randint(0, 300, (64,))
+    ours = NextTokenLoss.apply(logits, targets, 300)
+    (g_ours,) = torch.autograd.grad(ours * 3, logits)
+    ref = F.cross_entropy(logits[:, :300].float(), targets)
+    (g_ref,) = torch.autograd.grad(ref * 3, logits)
+    assert torch.all(g_ours[:, 300:] == 0)
+    torch.testing.assert_close(ours, ref)
+    assert g_ours.dtype == dtype
+    torch.testing.assert_close(g_ours, g_ref, **({} if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)))

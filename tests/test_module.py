@@ -29,5 +29,6 @@ def test_compile_keeps_checkpoint_keys():
     cfg = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_kv_groups=1, n_embd=16)
     plain = GPTLightningModule.from_config(cfg, {"lr": 1e-3})
     compiled = GPTLightningModule.from_config(cfg, {"lr": 1e-3}, compile=True)
+    assert compiled.model._compiled_call_impl is not None and plain.model._compiled_call_impl is None
     assert list(compiled.state_dict()) == list(plain.state_dict())
     assert not any("_orig_mod" in k for k in compiled.state_dict())

@@ -135,10 +135,16 @@ def test_sigterm_writes_a_checkpoint_before_exit(corpus, tmp_path):
         time.sleep(0.05)
     time.sleep(1.0)  # let it train past the periodic checkpoint
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    match = re.search(r"SIGTERM: saved (\S+) at step (\d+)", err)
-    assert match, err[-3000:]
-    assert Path(match[1]) == last.resolve() and step_of(last) == int(match[2]) > 0
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]  # the scheduler sees a preempted job
+    match = re.search(r"SIGTERM: saved (\S+) at step (\d+)", out)
+    assert match, out[-3000:]
+    saved = int(match[2])
+    assert Path(match[1]) == last.resolve() and step_of(last) == saved > 0
+    r = train(corpus, tmp_path, "hydra.run.dir=run", "ckpt_path=last", f"trainer.max_steps={saved + 3}",
+              "trainer.val_check_interval=5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert step_of(last) == saved + 3
 
 
 @pytest.mark.parametrize("kind", ["foreign", "truncated", "other_shape"])

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -131,7 +132,16 @@ def test_hparams_tab_lists_each_run_with_its_attention(sweep):
                 if data.WhichOneof("data") == "session_start_info":
                     found = {k: v for k, v in data.session_start_info.hparams.items()}
         assert found["attention"].string_value == "gqa" and found["kv_groups"].number_value == kv
-        assert {"hp/best_val_loss", "hp/test_ppl"} <= events(job)[0]
+        finals = {}
+        for f in (job / "tb").glob("events.out.tfevents.*"):
+            acc = EventAccumulator(str(f)).Reload()
+            for tag in ("hp/best_val_loss", "hp/test_ppl", "hp/decode_tokens_per_sec"):
+                if tag in acc.Tags()["scalars"]:  # the step-0 placeholder and the final value may sit in two files
+                    last = max(acc.Scalars(tag), key=lambda e: (e.step, e.wall_time))
+                    if tag not in finals or (last.step, last.wall_time) > (finals[tag].step, finals[tag].wall_time):
+                        finals[tag] = last
+        assert set(finals) == {"hp/best_val_loss", "hp/test_ppl", "hp/decode_tokens_per_sec"}
+        assert all(e.step == 4 and math.isfinite(e.value) and e.value > 0 for e in finals.values())
 
 
 def test_compare_reports_the_sweep_and_lists_a_crashed_run(sweep, tmp_path):
@@ -142,6 +152,12 @@ def test_compare_reports_the_sweep_and_lists_a_crashed_run(sweep, tmp_path):
     crashed = runs / "2_crashed" / ".hydra"
     crashed.mkdir(parents=True)
     shutil.copy(sweep / "0_gqa_h4_kv1" / ".hydra" / "config.yaml", crashed)
+    killed = runs / "3_killed_mha"  # checkpoints and events but no summary; its config as Hydra saves mha's
+    shutil.copytree(sweep / "1_gqa_h4_kv2", killed)
+    (killed / "summary.json").unlink()
+    config = (killed / ".hydra" / "config.yaml").read_text()
+    (killed / ".hydra" / "config.yaml").write_text(
+        config.replace("type: gqa", "type: mha").replace("kv_groups: 2", "kv_groups: ${.n_heads}"))
     result = subprocess.run([sys.executable, "-m", "gpt_lightning.compare", str(runs)], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -149,7 +165,9 @@ def test_compare_reports_the_sweep_and_lists_a_crashed_run(sweep, tmp_path):
         rows = list(csv.DictReader(f))
     assert [(r["run"], r["status"], r["kv_groups"]) for r in rows] == [
         ("0_gqa_h4_kv1", "complete", "1"), ("1_gqa_h4_kv2", "complete", "2"),
-        ("2_crashed", "crashed (no checkpoint)", "1")]
+        ("2_crashed", "crashed (no checkpoint)", "1"),
+        ("3_killed_mha", "incomplete (no summary; last checkpoint kept)", "4")]
+    assert int(rows[3]["kv_cache_bytes_per_token"]) == 2 * 2 * 4 * 16 * 4 and float(rows[3]["best_val_loss"]) > 0
     assert int(rows[1]["kv_cache_bytes_per_token"]) == 2 * int(rows[0]["kv_cache_bytes_per_token"])
     assert float(rows[0]["best_val_loss"]) > 0 and float(rows[0]["decode_tokens_per_sec"]) > 0
     assert float(rows[0]["test_ppl"]) > 1 and int(rows[0]["parameters"]) > 0
@@ -175,3 +193,56 @@ def test_bad_input_is_one_clear_line(corpus, tmp_path, overrides, message):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(message)
+
+
+def test_evaluate_reports_test_metrics_and_kv_bytes_in_the_ratio_kv_groups_over_heads(first_run):
+    run_dir, _ = first_run
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    result = subprocess.run([sys.executable, "-m", "gpt_lightning.evaluate", f"ckpt_path={ckpt}",
+                             "decode.new_tokens=8", "decode.repeats=1"], capture_output=True, text=True,
+                            timeout=300, cwd=run_dir.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads((run_dir / "checkpoints" / "last.eval.json").read_text())
+    assert (r["n_head"], r["kv_groups"]) == (4, 2)
+    assert r["kv_cache_bytes_per_token"] * 4 == r["kv_cache_bytes_per_token_mha"] * 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert r["test_ppl"] == pytest.approx(summary["test_ppl"], rel=0.02)  # fp32 here, bf16 autocast in training
+    assert r["parameters"] > 0 and r["peak_memory_bytes"] > 0
+    assert r["decode_tokens_per_sec_b1"] > 0 and r["decode_tokens_per_sec_b8"] > 0
+    assert "kv_cache_bytes_per_token" in result.stdout
+
+
+def generate(ckpt, *args):
+    return subprocess.run([sys.executable, "-m", "gpt_lightning.generate", f"ckpt_path={ckpt}", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_generate_with_a_seed_is_reproducible_and_streams_the_prompt(first_run):
+    ckpt = first_run[0] / "checkpoints" / "last.ckpt"
+    args = ["prompt=Capítulo I, o dia", "max_new_tokens=20", "temperature=1.0", "top_k=40", "top_p=0.95"]
+    a, b = generate(ckpt, *args, "seed=3"), generate(ckpt, *args, "seed=3")
+    other = generate(ckpt, *args, "seed=4")
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert a.stdout == b.stdout and a.stdout.startswith("Capítulo I, o dia") and a.stdout != other.stdout
+
+
+def test_generate_crops_a_long_prompt_and_starts_an_empty_one_from_endoftext(first_run):
+    ckpt = first_run[0] / "checkpoints" / "last.ckpt"
+    long = generate(ckpt, "prompt=" + "a casa " * 40, "max_new_tokens=4", "seed=1")
+    assert long.returncode == 0 and "the model sees only its last 64" in long.stderr
+    empty = generate(ckpt, "prompt=", "max_new_tokens=4", "seed=1", "temperature=0")
+    assert empty.returncode == 0 and len(empty.stdout) > 1
+    bad = generate(ckpt, "prompt=x", "top_p=1.5")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: top_p=1.5")
+
+
+@pytest.mark.parametrize("prompt", ["Capítulo I, o 'dia'", "a\\nb", "x ${y} z", "ends with \\", "«Se o jardim»"])
+def test_any_prompt_text_survives_hydra_quoting(prompt):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from gpt_lightning.generate import quote_prompt_override
+
+    (override,) = quote_prompt_override([f"prompt={prompt}"])
+    value = OverridesParser.create().parse_override(override).value()
+    assert OmegaConf.create({"prompt": value}).prompt == prompt

@@ -60,6 +60,7 @@ class MachadoDataModule(L.LightningDataModule):
         self.meta: dict | None = None        # set by setup
         self.token_dir: Path | None = None   # set by setup
         self.datasets: dict[str, TokenWindows] = {}
+        self._resumed_windows_per_step: int | None = None  # from a checkpoint being resumed
 
     # -- tokenizer (lazy, cached per process by get_encoding; no state on self) --
     @property
@@ -186,12 +187,26 @@ class MachadoDataModule(L.LightningDataModule):
         if train and self.trainer is not None:
             # Resuming mid-epoch (ckpt_path=last): the loop progress is restored before this is called, so
             # skip the windows the interrupted run already trained on in this epoch.
+            per_step = h.batch_size * self.trainer.world_size
+            if self._resumed_windows_per_step not in (None, per_step):
+                raise UserError(f"resuming with data.batch_size={h.batch_size} on {self.trainer.world_size} "
+                                f"process(es) = {per_step} windows per step, but the checkpoint trained with "
+                                f"{self._resumed_windows_per_step}: its data position cannot be restored; resume "
+                                f"with the same batch size and devices, or use init_from= to start a new run")
             loop = self.trainer.fit_loop
             sampler.set_epoch(loop.epoch_progress.current.processed)
             sampler.start = loop.epoch_loop.batch_progress.current.ready * h.batch_size
         on_gpu = torch.cuda.is_available() and isinstance(getattr(self.trainer, "accelerator", None), CUDAAccelerator)
         return DataLoader(self.datasets[split], batch_size=h.batch_size, sampler=sampler, drop_last=train,
                           num_workers=h.num_workers, pin_memory=on_gpu, persistent_workers=h.num_workers > 0)
+
+    def state_dict(self) -> dict:
+        """Saved in checkpoints: how many windows one step consumed, so a resume can restore the data position."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return {"windows_per_step": self.hparams.batch_size * world}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resumed_windows_per_step = state.get("windows_per_step")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
