@@ -33,7 +33,7 @@ from gpt_lightning.config import gpt_config_from_cfg
 from gpt_lightning.device import cpu_has_bf16, keep_freed_memory
 from gpt_lightning.errors import UserError
 from gpt_lightning.kv_cache import kv_cache_bytes_per_token
-from gpt_lightning.measure import sync, time_decode
+from gpt_lightning.measure import matmul_peak, sync, time_decode
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.module import make_optimizer
 
@@ -96,20 +96,6 @@ class NaiveGPT(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Measured dense matmul FLOP/s (best of `repeats`) for an n x n x n product."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = 0.0
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        best = max(best, 2 * n**3 / (time.perf_counter() - start))
-    return best
 
 
 def spec_peak(device: torch.device, dtype: torch.dtype) -> float | None:

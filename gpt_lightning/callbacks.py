@@ -5,15 +5,31 @@ from __future__ import annotations
 import logging
 
 import lightning as L
+import lightning.pytorch.callbacks
 import torch
+from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gpt_lightning.errors import UserError
 from gpt_lightning.generation import check_sampling
+from gpt_lightning.measure import matmul_peak
 
 log = logging.getLogger(__name__)
+
+
+class ThroughputMonitor(lightning.pytorch.callbacks.ThroughputMonitor):
+    """Lightning's ThroughputMonitor, with MFU on CPUs too: where Lightning has no spec peak for the device
+    (every CPU, unknown GPUs) the peak is this device's measured dense-matmul rate in the training dtype."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.available_flops is None:
+            dtype = _plugin_to_compute_dtype(trainer.precision_plugin)
+            self.available_flops = matmul_peak(trainer.strategy.root_device, dtype, n=1024, repeats=3)
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.available_flops
 
 
 def batch_size(batch) -> int:

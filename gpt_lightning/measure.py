@@ -39,6 +39,20 @@ def decode_tokens_per_sec(model, prompt: torch.Tensor, new_tokens: int = 64, rep
     return statistics.median(time_decode(model, prompt, new_tokens) for _ in range(repeats))
 
 
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Measured dense matmul FLOP/s (best of `repeats`) for an n x n x n product."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
 def peak_memory(device: torch.device) -> tuple[int, str]:
     """(bytes, what was measured): CUDA's peak allocation, else this process's peak resident set."""
     if device.type == "cuda":

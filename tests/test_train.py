@@ -52,7 +52,7 @@ def global_step(ckpt: Path) -> int:
 @pytest.fixture(scope="module")
 def first_run(corpus, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("launch")
-    result = train(corpus, cwd, "hydra.run.dir=run")
+    result = train(corpus, cwd, "hydra.run.dir=run", "callbacks.throughput.window_size=4")
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd / "run", result
 
@@ -64,6 +64,7 @@ def test_twenty_steps_write_checkpoints_and_tensorboard(first_run):
     scalars, tensors = events(run_dir)
     assert {"train/loss", "val/loss", "val/ppl", "test/loss", "test/ppl", "train/tokens"} <= scalars
     assert any(t.startswith("lr-") for t in scalars)
+    assert {"train/device/items_per_sec", "train/device/mfu"} <= scalars  # tokens/s, MFU vs the measured CPU peak
     assert "samples/text_summary" in tensors
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert f"checkpoints: {run_dir.resolve() / 'checkpoints'}" in result.stderr + result.stdout
