@@ -3,6 +3,8 @@
 import http.server
 import os
 import random
+import subprocess
+import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -209,3 +211,33 @@ def copy_shared_books(shared_gutenberg, gutenberg_server):
         gutenberg_server.add_book(book, (shared_gutenberg / f"{book}.txt").read_bytes())
     return [int(b) for b in ids]
 
+
+
+TRAIN_BOOKS = [91001, 91002]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two generated books on a loopback server, and one data.root shared by a test module's training runs."""
+    server = GutenbergServer(tmp_path_factory.mktemp("site"))
+    for book in TRAIN_BOOKS:
+        server.add_book(book, gutenberg_text(f"Livro {book}", portuguese_paragraphs(book, 120)))
+    yield server, tmp_path_factory.mktemp("data")
+    server.close()
+
+
+def train_command(corpus, *overrides: str, multirun: bool = False) -> list[str]:
+    """`python -m gpt_lightning.train` as a user types it, tiny (experiment=debug), on the CPU, over `corpus`."""
+    server, data_root = corpus
+    return [sys.executable, "-m", "gpt_lightning.train", *(["-m"] if multirun else []), "experiment=debug",
+            f"data.base_url={server.base_url}", f"data.books=[{','.join(map(str, TRAIN_BOOKS))}]",
+            f"data.root={data_root}", "data.pause=0", "trainer.accelerator=cpu",
+            "callbacks.progress_bar.refresh_rate=0", *overrides]
+
+
+TRAIN_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def run_train(corpus, cwd, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(train_command(corpus, *overrides, multirun=multirun), cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env=TRAIN_ENV)

@@ -2,46 +2,24 @@
 refused checkpoints, determinism, SLURM launcher config."""
 
 import hashlib
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, GutenbergServer, gutenberg_text, portuguese_paragraphs
+from conftest import REPO, TRAIN_ENV, run_train, train_command
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-BOOKS = [92001, 92002]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    server = GutenbergServer(tmp_path_factory.mktemp("site"))
-    for book in BOOKS:
-        server.add_book(book, gutenberg_text(f"Livro {book}", portuguese_paragraphs(book, 120)))
-    yield server, tmp_path_factory.mktemp("data")
-    server.close()
-
-
 def command(corpus, *overrides, multirun=False):
-    server, data_root = corpus
-    return [sys.executable, "-m", "gpt_lightning.train", *(["-m"] if multirun else []), "experiment=debug",
-            f"data.base_url={server.base_url}", f"data.books=[{','.join(map(str, BOOKS))}]",
-            f"data.root={data_root}", "data.pause=0", "trainer.accelerator=cpu",
-            "callbacks.progress_bar.refresh_rate=0", "generation.prompts=[]", *overrides]
-
-
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+    return train_command(corpus, "generation.prompts=[]", *overrides, multirun=multirun)
 
 
 def train(corpus, cwd, *overrides, multirun=False):
-    return subprocess.run(command(corpus, *overrides, multirun=multirun), cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=ENV)
+    return run_train(corpus, cwd, "generation.prompts=[]", *overrides, multirun=multirun)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -106,7 +84,7 @@ def test_multirun_with_ddp_keeps_one_directory_per_job(corpus, tmp_path):
 def test_kill_9_then_resume_continues_the_same_curve(corpus, single, tmp_path):
     proc = subprocess.Popen(command(corpus, "hydra.run.dir=run", "data.batch_size=8", "trainer.max_steps=30",
                                     "trainer.log_every_n_steps=1", "trainer.val_check_interval=10"),
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=TRAIN_ENV)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:
@@ -128,7 +106,7 @@ def test_kill_9_then_resume_continues_the_same_curve(corpus, single, tmp_path):
 def test_sigterm_writes_a_checkpoint_before_exit(corpus, tmp_path):
     proc = subprocess.Popen(command(corpus, "hydra.run.dir=run", "trainer.max_steps=100000",
                                     "trainer.val_check_interval=5"),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TRAIN_ENV)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and proc.poll() is None and time.time() < deadline:

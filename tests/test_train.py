@@ -9,31 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, GutenbergServer, gutenberg_text, portuguese_paragraphs
+from conftest import run_train as train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-BOOKS = [91001, 91002]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """Two generated books on a loopback server, and one data.root shared by the module's runs."""
-    server = GutenbergServer(tmp_path_factory.mktemp("site"))
-    for book in BOOKS:
-        server.add_book(book, gutenberg_text(f"Livro {book}", portuguese_paragraphs(book, 120)))
-    yield server, tmp_path_factory.mktemp("data")
-    server.close()
-
-
-def train(corpus, cwd: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
-    server, data_root = corpus
-    cmd = [sys.executable, "-m", "gpt_lightning.train", *(["-m"] if multirun else []), "experiment=debug",
-           f"data.base_url={server.base_url}", f"data.books=[{','.join(map(str, BOOKS))}]",
-           f"data.root={data_root}", "data.pause=0", "trainer.accelerator=cpu",
-           "callbacks.progress_bar.refresh_rate=0", *overrides]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
-
 
 def events(run_dir: Path) -> tuple[set[str], set[str]]:
     scalars, tensors = set(), set()
