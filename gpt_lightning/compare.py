@@ -99,43 +99,43 @@ def plot(rows: list[dict], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        if r["val_curve"]:
-            steps, values = zip(*r["val_curve"])
-            ax.plot(steps, values, marker=".", label=f"{r['run']} ({r['attention']}, G={r['kv_groups']})")
-    ax.set(xlabel="step", ylabel="val/loss", title="Validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "val_loss.png", dpi=120)
-    names.append("val_loss.png")
+    def figure(name: str, draw, log2_x: bool = False, **labels) -> str:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        draw(ax)
+        ax.set(**labels)
+        if log2_x:
+            ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        return name
 
-    done = [r for r in rows if r.get("kv_cache_bytes_per_token") and r.get("best_val_loss") is not None]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in done:
-        ax.scatter(r["kv_cache_bytes_per_token"], r["best_val_loss"])
-        ax.annotate(f"G={r['kv_groups']}", (r["kv_cache_bytes_per_token"], r["best_val_loss"]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
-    ax.set(xlabel="KV-cache bytes per token (fp32)", ylabel="best val/loss", title="Quality against KV-cache size")
-    ax.set_xscale("log", base=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "quality_vs_kv_cache.png", dpi=120)
-    names.append("quality_vs_kv_cache.png")
+    def curves(ax):
+        for r in rows:
+            if r["val_curve"]:
+                steps, values = zip(*r["val_curve"])
+                ax.plot(steps, values, marker=".", label=f"{r['run']} ({r['attention']}, G={r['kv_groups']})")
+        ax.legend(fontsize=7)
 
-    timed = sorted((r for r in rows if r.get("decode_tokens_per_sec")), key=lambda r: r["kv_groups"])
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.plot([r["kv_groups"] for r in timed], [r["decode_tokens_per_sec"] for r in timed], marker="o")
-    ax.set(xlabel="kv_groups (KV heads)", ylabel="decode tokens/s (batch 1, KV cache)", title="Decode speed")
-    ax.set_xscale("log", base=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "decode_vs_kv_groups.png", dpi=120)
-    names.append("decode_vs_kv_groups.png")
-    plt.close("all")
-    return names
+    def quality(ax):
+        for r in rows:
+            if r.get("kv_cache_bytes_per_token") and r.get("best_val_loss") is not None:
+                point = (r["kv_cache_bytes_per_token"], r["best_val_loss"])
+                ax.scatter(*point)
+                ax.annotate(f"G={r['kv_groups']}", point, fontsize=8, xytext=(4, 4), textcoords="offset points")
+
+    def speed(ax):
+        timed = sorted((r for r in rows if r.get("decode_tokens_per_sec")), key=lambda r: r["kv_groups"])
+        ax.plot([r["kv_groups"] for r in timed], [r["decode_tokens_per_sec"] for r in timed], marker="o")
+
+    return [
+        figure("val_loss.png", curves, xlabel="step", ylabel="val/loss", title="Validation loss"),
+        figure("quality_vs_kv_cache.png", quality, log2_x=True, xlabel="KV-cache bytes per token (fp32)",
+               ylabel="best val/loss", title="Quality against KV-cache size"),
+        figure("decode_vs_kv_groups.png", speed, log2_x=True, xlabel="kv_groups (KV heads)",
+               ylabel="decode tokens/s (batch 1, KV cache)", title="Decode speed"),
+    ]
 
 
 def compare(root: Path, out: Path | None = None) -> list[dict]:
