@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from gpt_lightning.config import gpt_config_from_cfg
+from gpt_lightning.data.tokens import get_encoding
 from gpt_lightning.device import cpu_has_bf16, keep_freed_memory
 from gpt_lightning.errors import UserError
 from gpt_lightning.kv_cache import kv_cache_bytes_per_token
@@ -185,12 +186,7 @@ def bench(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
                           else "cpu")
-    vocab = 50257 if cfg.data.encoding == "gpt2" else 256 + 1 if cfg.data.encoding == "bytes" else None
-    if vocab is None:
-        from gpt_lightning.data.tokens import get_encoding
-
-        vocab = get_encoding(cfg.data.encoding).n_vocab
-    config = gpt_config_from_cfg(cfg, vocab)
+    config = gpt_config_from_cfg(cfg, get_encoding(cfg.data.encoding).n_vocab)
     B, T = cfg.data.batch_size, config.block_size
     x = torch.randint(0, config.vocab_size, (B, T), device=device)
     y = torch.roll(x, -1, dims=1)

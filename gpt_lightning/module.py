@@ -49,12 +49,20 @@ class GPTLightningModule(L.LightningModule):
         self.test_loss = MeanMetric()
         self.tokens_seen = 0  # restored from checkpoints, so resumed curves continue
         self.train_seconds = 0.0  # wall time inside training batches of this process (no validation)
-        self.train_tokens = 0  # tokens this process trained on since it started
+        self._tokens_at_fit_start = 0  # tokens_seen when this fit began (after a resume restored it)
         self.flops_per_batch = None  # read by Lightning's ThroughputMonitor (FLOPs and MFU curves)
 
     @classmethod
     def from_config(cls, config: GPTConfig, optim: dict, **kwargs) -> "GPTLightningModule":
         return cls(model=asdict(config), optim=dict(optim), **kwargs)
+
+    def on_train_start(self):
+        self._tokens_at_fit_start = self.tokens_seen
+
+    @property
+    def train_tokens(self) -> int:
+        """Tokens trained on by this fit (all ranks), the numerator of its tokens/s."""
+        return self.tokens_seen - self._tokens_at_fit_start
 
     def on_train_batch_start(self, batch, batch_idx):
         self._batch_start = time.perf_counter()
@@ -66,7 +74,6 @@ class GPTLightningModule(L.LightningModule):
         x, y = batch  # (B, T) each
         if self.flops_per_batch is None:
             self.flops_per_batch = self.model.flops_per_token(x.size(1)) * x.numel()
-        self.train_tokens += x.numel() * self.trainer.world_size
         loss = self.model(x, y)
         self.tokens_seen += x.numel() * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # mean over ranks
