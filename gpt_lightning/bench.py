@@ -2,12 +2,12 @@
 
 Same shape for every contender (the usual `model.*`, `attention.*`, `data.batch_size` keys). Candidates are timed
 in interleaved rounds so drift (thermal, other load) hits all of them alike; each figure is the median with the
-min–max over rounds. Prints a table and writes JSON (`bench.json`).
+min–max over rounds. Prints a table and writes the run record (`bench.json`, kind "bench", the tables under `details`).
 
 Contenders:
 - training tokens/s (forward, loss, backward, AdamW step): ours in each precision the device runs (fp32; bf16
   autocast where the CPU/GPU has native bf16; torch.compile with bench.compile=true), HF `GPT2LMHeadModel` (sdpa,
-  fp32, its own AdamW), and `NaiveGPT` below (how the original project computed attention);
+  fp32, its own AdamW), and `NaiveGPT` (measure/references.py: how the original project computed attention);
 - with bench.lightning=true, the same model through the Lightning Trainer and the real DataModule;
 - decode tokens/s with the KV cache at each `bench.decode_batch_sizes` (ours fp32 and bf16 weights, HF `generate`);
 - KV-cache bytes per token for the configured attention against MHA;
@@ -16,138 +16,24 @@ Contenders:
 
 from __future__ import annotations
 
-import json
-import math
-import statistics
-import sys
 import time
 from pathlib import Path
 
 import hydra
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from gpt_lightning.config import gpt_config_from_cfg
+from gpt_lightning.common.cli import exits_on_user_error
+from gpt_lightning.common.device import cpu_has_bf16, keep_freed_memory
 from gpt_lightning.data.tokens import get_encoding
-from gpt_lightning.device import cpu_has_bf16, keep_freed_memory
-from gpt_lightning.errors import UserError
-from gpt_lightning.kv_cache import kv_cache_bytes_per_token
-from gpt_lightning.measure import matmul_peak, sync, time_decode
-from gpt_lightning.model import GPT, GPTConfig
-from gpt_lightning.module import make_optimizer
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The naive reference: manual masked softmax, K/V copied per query head, hand-written LayerNorm and GELU.
-class NaiveBlock(nn.Module):
-    def __init__(self, c: GPTConfig):
-        super().__init__()
-        C, hd = c.n_embd, c.head_dim
-        self.n_head, self.n_kv, self.hd = c.n_head, c.n_kv_groups, hd
-        self.ln1_w, self.ln1_b = nn.Parameter(torch.ones(C)), nn.Parameter(torch.zeros(C))
-        self.ln2_w, self.ln2_b = nn.Parameter(torch.ones(C)), nn.Parameter(torch.zeros(C))
-        self.q, self.k, self.v = nn.Linear(C, C), nn.Linear(C, c.n_kv_groups * hd), nn.Linear(C, c.n_kv_groups * hd)
-        self.proj, self.fc, self.fc_out = nn.Linear(C, C), nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
-        self.register_buffer("mask", torch.tril(torch.ones(c.block_size, c.block_size)), persistent=False)
-
-    @staticmethod
-    def layer_norm(x, w, b, eps=1e-5):
-        mu = x.mean(-1, keepdim=True)
-        var = ((x - mu) ** 2).mean(-1, keepdim=True)
-        return (x - mu) / torch.sqrt(var + eps) * w + b
-
-    @staticmethod
-    def gelu(x):
-        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-    def forward(self, x):
-        B, T, C = x.shape
-        h = self.layer_norm(x, self.ln1_w, self.ln1_b)
-        q = self.q(h).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k(h).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v(h).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, nh, T, hd): copies
-        v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)
-        att = att.masked_fill(self.mask[:T, :T] == 0, float("-inf")).softmax(dim=-1)
-        x = x + self.proj((att @ v).transpose(1, 2).reshape(B, T, C))
-        return x + self.fc_out(self.gelu(self.fc(self.layer_norm(x, self.ln2_w, self.ln2_b))))
-
-
-class NaiveGPT(nn.Module):
-    def __init__(self, c: GPTConfig):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(c.padded_vocab_size, c.n_embd), nn.Embedding(c.block_size, c.n_embd)
-        self.blocks = nn.ModuleList(NaiveBlock(c) for _ in range(c.n_layer))
-        self.lnf_w, self.lnf_b = nn.Parameter(torch.ones(c.n_embd)), nn.Parameter(torch.zeros(c.n_embd))
-        for p in self.parameters():
-            if p.dim() >= 2:
-                nn.init.normal_(p, std=0.02)
-
-    def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
-        for block in self.blocks:
-            x = block(x)
-        logits = NaiveBlock.layer_norm(x, self.lnf_w, self.lnf_b) @ self.wte.weight.t()
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-
-# --------------------------------------------------------------------------------------------------------------
-def summarize(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def spec_peak(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Lightning's per-GPU table of spec FLOP/s; None on CPUs and unknown chips."""
-    if device.type != "cuda":
-        return None
-    from lightning.fabric.utilities.throughput import get_available_flops
-
-    return get_available_flops(device, dtype)
-
-
-class TrainContender:
-    """One model + optimizer + precision; `run(steps)` returns tokens/s over those steps."""
-
-    def __init__(self, name, model, optimizer, x, y, autocast_dtype=None, hf=False, clip=None):
-        self.name, self.model, self.opt, self.x, self.y = name, model.train(), optimizer, x, y
-        self.autocast_dtype, self.hf, self.clip = autocast_dtype, hf, clip
-        self.device = x.device
-
-    def step(self):
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            loss = self.model(self.x, labels=self.x).loss if self.hf else self.model(self.x, self.y)
-        loss.backward()
-        if self.clip:  # our training setup clips, as trainer.gradient_clip_val does
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss
-
-    def run(self, steps: int) -> float:
-        sync(self.device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        sync(self.device)
-        return steps * self.x.numel() / (time.perf_counter() - start)
-
-
-def hf_gpt2(config: GPTConfig, device):
-    try:
-        import transformers
-    except ImportError:
-        raise UserError("bench.hf=true needs transformers: pip install -e '.[dev]' (or bench.hf=false)") from None
-    hf_config = transformers.GPT2Config(
-        vocab_size=config.padded_vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
-        n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1, attn_implementation="sdpa")
-    model = transformers.GPT2LMHeadModel(hf_config).to(device)
-    assert model.config._attn_implementation == "sdpa"
-    return model
+from gpt_lightning.measure.limits import matmul_peak, spec_peak
+from gpt_lightning.measure.references import NaiveGPT, hf_gpt2
+from gpt_lightning.measure.timing import summarize, time_decode
+from gpt_lightning.measure.training_speed import TrainContender
+from gpt_lightning.model import GPT, kv_cache_bytes_per_token
+from gpt_lightning.model.optim import make_optimizer
+from gpt_lightning.training.model_config import gpt_config_from_cfg
+from gpt_lightning.training.run_record import RunRecord
 
 
 def lightning_tokens_per_sec(cfg: DictConfig, steps: int, warmup: int, precision: str) -> float:
@@ -155,7 +41,7 @@ def lightning_tokens_per_sec(cfg: DictConfig, steps: int, warmup: int, precision
     import lightning as L
     from hydra.utils import instantiate
 
-    from gpt_lightning.module import GPTLightningModule
+    from gpt_lightning.training.module import GPTLightningModule
 
     class Clock(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -180,7 +66,7 @@ def lightning_tokens_per_sec(cfg: DictConfig, steps: int, warmup: int, precision
     return clock.tokens / clock.elapsed
 
 
-def bench(cfg: DictConfig) -> dict:
+def bench(cfg: DictConfig) -> RunRecord:
     b = cfg.bench
     keep_freed_memory()
     torch.manual_seed(cfg.seed)
@@ -274,7 +160,7 @@ def bench(cfg: DictConfig) -> dict:
         "torch": torch.__version__,
         "shape": {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head,
                   "kv_groups": config.n_kv_groups, "block_size": T, "batch_size": B,
-                  "vocab": config.padded_vocab_size, "attention": cfg.attention.type},
+                  "vocab": config.padded_vocab_size, "attention": config.attention},
         "flops_per_token": flops_per_token,
         "matmul_peak_flops": peaks, "spec_peak_flops": spec,
         "training_tokens_per_sec": training,
@@ -286,7 +172,13 @@ def bench(cfg: DictConfig) -> dict:
         "repeats": b.repeats, "steps": b.steps,
     }
     result["ratios"] = ratios(result)
-    return result
+    best = "ours bf16-mixed" if "ours bf16-mixed" in training else "ours fp32"
+    return RunRecord.for_model(
+        "bench", contenders[0].model, encoding=cfg.data.encoding,
+        train_tokens_per_sec=training[best]["median"], train_mfu=training[best]["mfu_measured_peak"],
+        decode_tokens_per_sec=result["decode_tokens_per_sec"].get("ours fp32 b1", {}).get("median"),
+        precision="bf16-mixed" if best.endswith("bf16-mixed") else "32-true", device=result["device"],
+        details=result)
 
 
 def ratios(r: dict) -> dict:
@@ -331,14 +223,10 @@ def format_table(r: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
-    try:
-        result = bench(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(format_table(result))
-    out = Path(cfg.bench.json)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    with exits_on_user_error():
+        record = bench(cfg)
+    print(format_table(record.details))
+    out = record.save(Path(cfg.bench.json))
     print(f"\nwrote {out.resolve()}")
 
 

@@ -10,24 +10,12 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from gpt_lightning.callbacks import encode_prompt
-from gpt_lightning.checkpoints import load_gpt
-from gpt_lightning.data.tokens import get_encoding
-from gpt_lightning.device import keep_freed_memory
-from gpt_lightning.errors import UserError
-from gpt_lightning.generation import check_sampling, stream_tokens
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device={name!r} is not a torch device; use auto, cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name} but CUDA is not available here; use device=cpu")
-    return device
+from gpt_lightning.common.cli import exits_on_user_error
+from gpt_lightning.common.device import keep_freed_memory, pick_device
+from gpt_lightning.common.errors import UserError
+from gpt_lightning.data.tokens import encode_prompt, get_encoding
+from gpt_lightning.model.sampling import check_sampling, stream_tokens
+from gpt_lightning.training.checkpoints import load_gpt
 
 
 def generate(cfg: DictConfig, out=sys.stdout) -> list[int]:
@@ -79,11 +67,8 @@ def quote_prompt_override(args: list[str]) -> list[str]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def _main(cfg: DictConfig) -> None:
     keep_freed_memory()
-    try:
+    with exits_on_user_error():
         generate(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def main() -> None:

@@ -3,12 +3,11 @@
 Composes the same config as training, so the token cache it builds is the one training reads.
 """
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from gpt_lightning.errors import UserError
+from gpt_lightning.common.cli import exits_on_user_error
+from gpt_lightning.training import model_config  # noqa: F401  (registers the config resolvers)
 
 
 def format_summary(meta: dict, root, token_dir) -> str:
@@ -28,16 +27,13 @@ def format_summary(meta: dict, root, token_dir) -> str:
     return "\n".join(rows)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exits_on_user_error():
         dm = hydra.utils.instantiate(cfg.data)
         dm.prepare_data()
         dm.setup()  # checks every split holds at least one window of block_size
         print(format_summary(dm.meta, dm.root, dm.token_dir))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,21 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from hydra.utils import get_original_cwd, instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from gpt_lightning.callbacks import GenerationCallback
-from gpt_lightning.checkpoints import load_checkpoint
-from gpt_lightning.config import gpt_config_from_cfg
-from gpt_lightning.convert import init_state_from
-from gpt_lightning.device import keep_freed_memory, resolve_precision, uses_cuda
-from gpt_lightning.errors import UserError
-from gpt_lightning.module import GPTLightningModule
-from gpt_lightning.run_dirs import one_ddp_job, pin_ddp_children_to_this_job, resolve_ckpt_path
-from gpt_lightning.summary import log_hparams_start, write_summary
+from gpt_lightning.common.cli import exits_on_user_error
+from gpt_lightning.common.device import keep_freed_memory, resolve_precision, uses_cuda
+from gpt_lightning.common.errors import UserError
+from gpt_lightning.measure.memory import peak_memory
+from gpt_lightning.measure.timing import end_of_run_decode
+from gpt_lightning.training.checkpoints import init_state_from, load_checkpoint
+from gpt_lightning.training.hparams import log_hparams_end, log_hparams_start
+from gpt_lightning.training.model_config import gpt_config_from_cfg
+from gpt_lightning.training.module import GPTLightningModule
+from gpt_lightning.training.run_dirs import one_ddp_job, pin_ddp_children_to_this_job, resolve_ckpt_path
+from gpt_lightning.training.run_record import TRAIN_RECORD, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,27 @@ def check_resume(ckpt_path: str | None, config) -> None:
                         f"(the checkpoint is untouched): use its settings, or init_from= to start from its weights")
 
 
+def train_record(trainer: L.Trainer, module: GPTLightningModule, metrics: dict, best_val: float | None,
+                 precision: str) -> RunRecord:
+    """What this run reports: shape and size, final metrics, ThroughputMonitor's tokens/s and MFU, decode speed."""
+    logged = {k: float(v) for k, v in trainer.logged_metrics.items()}
+    # ThroughputMonitor: train/device/* for this process; train/* (all ranks) under DDP.
+    tokens_per_sec = logged.get("train/items_per_sec", logged.get("train/device/items_per_sec"))
+    device = trainer.strategy.root_device
+    peak, peak_kind = peak_memory(device)
+    return RunRecord.for_model(
+        "train", module.model, encoding=module.hparams.encoding,
+        global_step=trainer.global_step, tokens_seen=module.tokens_seen, best_val_loss=best_val,
+        val_loss=metrics.get("val/loss"), val_ppl=metrics.get("val/ppl"), val_bpb=metrics.get("val/bpb"),
+        test_loss=metrics.get("test/loss"), test_ppl=metrics.get("test/ppl"), test_bpb=metrics.get("test/bpb"),
+        train_tokens_per_sec=tokens_per_sec, train_mfu=logged.get("train/device/mfu"),
+        decode_tokens_per_sec=end_of_run_decode(module.model),
+        peak_memory_bytes=peak, peak_memory_kind=peak_kind, precision=precision,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+
+
 def train(cfg: DictConfig) -> dict:
-    """Train, test on the test split, return the final metrics."""
+    """Train, test on the test split with the best checkpoint, write the run record; return the final metrics."""
     keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -69,27 +90,25 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data, _convert_="all")  # plain lists: checkpoints load with weights_only
     gpt_config = gpt_config_from_cfg(cfg, datamodule.vocab_size)
     check_resume(ckpt_path, gpt_config)
-    module = GPTLightningModule.from_config(
-        gpt_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=cfg.model.compile,
-        encoding=cfg.data.encoding, attention_type=cfg.attention.type)
+    module = GPTLightningModule.from_config(gpt_config, OmegaConf.to_container(cfg.optim, resolve=True),
+                                            compile=cfg.model.compile, encoding=cfg.data.encoding)
     if cfg.init_from:  # weights only: a checkpoint (KV heads pooled if it has more) or hf:FOLDER
         module.model.load_state_dict(init_state_from(cfg.init_from, gpt_config, cfg.data.encoding))
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    callbacks.append(GenerationCallback(**cfg.generation))
     loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
     pin_ddp_children_to_this_job()
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     check_devices(trainer_args)
     check_schedule(trainer_args)
-    trainer_args["precision"] = resolve_precision(trainer_args.get("precision", "auto"),
-                                                  trainer_args.get("accelerator", "auto"))
+    precision = trainer_args["precision"] = resolve_precision(trainer_args.get("precision", "auto"),
+                                                              trainer_args.get("accelerator", "auto"))
     trainer = L.Trainer(**trainer_args, callbacks=callbacks, logger=loggers, default_root_dir=run_dir)
     log.info("model: %.2fM parameters, %d layers x %d, attention=%s (%d heads, %d KV heads), precision %s",
              module.model.num_params(non_embedding=False) / 1e6, gpt_config.n_layer, gpt_config.n_embd,
-             cfg.attention.type, gpt_config.n_head, gpt_config.n_kv_groups, trainer_args["precision"])
+             gpt_config.attention, gpt_config.n_head, gpt_config.n_kv_groups, precision)
 
-    log_hparams_start(trainer, module, cfg.attention.type)
+    log_hparams_start(trainer, gpt_config, cfg.optim.lr)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # val/* of the last validation
     checkpoint = trainer.checkpoint_callback
@@ -99,8 +118,9 @@ def train(cfg: DictConfig) -> dict:
 
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if trainer.is_global_zero:
-        prompt = datamodule.datasets["val"][0][0][:16] if len(datamodule.datasets.get("val", [])) else None
-        write_summary(trainer, module, run_dir, metrics, best_val, prompt)
+        record = train_record(trainer, module, metrics, best_val, precision)
+        record.save(run_dir / TRAIN_RECORD)
+        log_hparams_end(trainer, record)
         log.info("checkpoints: %s", checkpoint.dirpath if checkpoint is not None else "(none)")
         log.info("best: %s", best or "(none)")
         log.info("TensorBoard: tensorboard --logdir %s", run_dir)
@@ -110,15 +130,13 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        with one_ddp_job():
-            metrics = train(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except SIGTERMException:  # preempted: say so to the scheduler (a bare SystemExit would exit 0)
-        print("stopped by SIGTERM; resume with ckpt_path=last and this run's hydra.run.dir", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
+    with exits_on_user_error():
+        try:
+            with one_ddp_job():
+                metrics = train(cfg)
+        except SIGTERMException:  # preempted: say so to the scheduler (a bare SystemExit would exit 0)
+            print("stopped by SIGTERM; resume with ckpt_path=last and this run's hydra.run.dir", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
     return metrics.get("val/loss")  # what a Hydra sweeper would minimise
 
 

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -22,6 +23,45 @@ def _tiktoken_cache():
     if cache.is_dir() and "TIKTOKEN_CACHE_DIR" not in os.environ:
         os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
     yield
+
+
+def fit_briefly(model, x, y, steps: int, lr: float = 3e-3):
+    """Plain AdamW steps on one fixed batch (tiny models in unit tests); returns the last loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss
+
+
+@pytest.fixture(autouse=True)
+def _no_tokenizer_downloads(monkeypatch):
+    """No test touches the internet: tiktoken may read its cache, never fetch (an uncached encoding fails)."""
+    import tiktoken.load
+
+    def offline(blobpath):
+        raise ConnectionError(f"tests never download tokenizer files ({blobpath})")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", offline)
+
+
+@pytest.fixture
+def require_encoding():
+    """require_encoding(name): the test skips, saying why, when the tiktoken cache lacks that encoding."""
+    from gpt_lightning.common.errors import UserError
+    from gpt_lightning.data.tokens import get_encoding
+
+    def require(name: str):
+        try:
+            return get_encoding(name)
+        except UserError:
+            pytest.skip(f"tiktoken encoding {name!r} is not in the cache (TIKTOKEN_CACHE_DIR="
+                        f"{os.environ.get('TIKTOKEN_CACHE_DIR')}) and tests never download it")
+
+    return require
 
 
 class GutenbergServer:

@@ -4,11 +4,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO
 
-from gpt_lightning.bench import NaiveGPT
+from gpt_lightning.measure.references import NaiveGPT
+from gpt_lightning.training.run_record import RunRecord
 from gpt_lightning.model import GPT, GPTConfig
 
 
@@ -35,6 +37,7 @@ def test_naive_reference_computes_the_same_function():
     torch.testing.assert_close(naive(x, y), padded_loss, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bench_produces_every_column(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
@@ -42,7 +45,11 @@ def test_bench_produces_every_column(tmp_path):
          "bench.repeats=2", "bench.decode_new_tokens=4", "bench.decode_bf16=true", f"bench.json={out}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
-    r = json.loads(out.read_text())
+    record = RunRecord.load(out)
+    assert (record.kind, record.attention, record.kv_groups) == ("bench", "gqa", 2)
+    assert record.kv_cache_bytes_per_token * 2 == record.kv_cache_bytes_per_token_mha
+    r = record.details
+    assert record.train_tokens_per_sec in {s["median"] for s in r["training_tokens_per_sec"].values()}
     train = r["training_tokens_per_sec"]
     assert {"ours fp32", "HF GPT2LMHeadModel fp32 (sdpa)", "naive reference fp32"} <= set(train)
     assert all(s["n"] == 2 and s["min"] <= s["median"] <= s["max"] and s["mfu_measured_peak"] > 0 for s in train.values())

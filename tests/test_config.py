@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from gpt_lightning.config import gpt_config_from_cfg
-from gpt_lightning.errors import UserError
+from gpt_lightning.common.errors import UserError
+from gpt_lightning.training.model_config import gpt_config_from_cfg
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -45,22 +45,66 @@ def test_gqa_spans_mqa_to_mha_for_sweeps():
         assert gpt_config_from_cfg(cfg("attention=gqa", f"attention.kv_groups={kv}"), 257).n_kv_groups == kv
 
 
-@pytest.mark.parametrize("experiment, kv", [("seed_gqa", 2), ("seed_mha", 8)])
-def test_seed_experiments_match_the_original_runs(experiment, kv):
+@pytest.mark.parametrize("experiment, label", [("seed_gqa", "gqa"), ("seed_mha", "mha"), ("bench_cpu", "mha"),
+                                               ("debug", "gqa")])
+def test_every_experiment_builds_a_valid_model_whose_windows_follow_its_context(experiment, label):
     c = cfg(f"experiment={experiment}")
-    assert (c.model.n_layer, c.model.n_embd, c.model.block_size, c.data.block_size) == (8, 512, 256, 256)
-    assert (c.attention.n_heads, c.attention.kv_groups) == (8, kv)
-    assert (c.optim.lr, c.optim.weight_decay, c.data.encoding) == (4e-4, 0.1, "o200k_base")
+    model = gpt_config_from_cfg(c, vocab_size=257)
+    assert model.attention == label
+    assert c.data.block_size == model.block_size
 
 
-def test_gpt2_shape():
-    c = cfg("model=gpt2", "attention=mha", "attention.n_heads=12")
-    m = gpt_config_from_cfg(c, 50257)
-    assert (m.n_layer, m.n_embd, m.n_head, m.block_size, m.padded_vocab_size) == (12, 768, 12, 1024, 50304)
+def test_model_gpt2_alone_is_the_124m_gpt2_shape():
+    from gpt_lightning.model import GPT
+
+    m = gpt_config_from_cfg(cfg("model=gpt2", "attention=mha"), 50257)
+    assert (m.n_layer, m.n_embd, m.n_head, m.n_kv_groups, m.block_size) == (12, 768, 12, 12, 1024)
+    # OpenAI's GPT-2 small: 124,439,808 parameters; ours pads the vocabulary to 50304 rows (+47 x 768).
+    assert GPT(m).num_params(non_embedding=False) == 124_439_808 + 47 * 768
 
 
-def test_trainer_presets():
-    assert cfg().trainer.accelerator == "auto"
-    assert cfg("trainer=gpu").trainer.accelerator == "gpu"
-    assert cfg("trainer=ddp").trainer.strategy == "ddp"
-    assert cfg("trainer=cpu", "trainer.max_steps=7").trainer.max_steps == 7
+def test_model_gpt2_head_counts_still_follow_the_attention_keys():
+    m = gpt_config_from_cfg(cfg("model=gpt2", "attention=gqa", "attention.kv_groups=4"), 50257)
+    assert (m.n_head, m.n_kv_groups, m.attention) == (12, 4, "gqa")
+    m = gpt_config_from_cfg(cfg("model=gpt2", "attention=mha", "attention.n_heads=6"), 50257)
+    assert (m.n_head, m.n_kv_groups) == (6, 6)
+
+
+def sweep_subdir(*overrides) -> str:
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        c = compose("config", overrides=list(overrides), return_hydra_config=True)
+    return OmegaConf.to_container(c.hydra.sweep, resolve=True)["subdir"]
+
+
+@pytest.mark.parametrize("kv, label", [(1, "mqa"), (2, "gqa"), (4, "gqa"), (8, "mha")])
+def test_sweep_folders_are_named_by_the_counts_not_the_preset(kv, label):
+    subdir = sweep_subdir("attention=gqa", f"attention.kv_groups={kv}", "hydra.job.num=0")
+    assert subdir == f"0_{label}_h8_kv{kv}"
+
+
+@pytest.mark.slow
+def test_two_runs_started_in_the_same_second_get_different_directories():
+    import subprocess
+    import sys
+
+    code = ("import gpt_lightning.training.model_config\n"
+            "from hydra import compose, initialize_config_dir\n"
+            "from omegaconf import OmegaConf\n"
+            f"with initialize_config_dir(version_base='1.3', config_dir={CONF!r}):\n"
+            "    c = compose('config', return_hydra_config=True)\n"
+            "print(OmegaConf.to_container(c.hydra.run, resolve=True)['dir'])\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    dirs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(d.startswith("outputs/runs/") for d in dirs) and dirs[0] != dirs[1]
+
+
+def test_every_trainer_preset_is_accepted_by_lightning_trainer():
+    import inspect
+
+    import lightning as L
+
+    accepted = set(inspect.signature(L.Trainer).parameters)
+    for preset in ("default", "cpu", "gpu", "ddp"):
+        assert set(cfg(f"trainer={preset}").trainer) <= accepted, preset

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from conftest import fit_briefly
 
+from gpt_lightning.common.errors import UserError
 from gpt_lightning.convert import load_hf_gpt2, pool_kv_heads
-from gpt_lightning.errors import UserError
 from gpt_lightning.model import GPT, GPTConfig
 
 
@@ -52,13 +53,8 @@ def test_pooled_trained_mha_starts_lower_than_a_fresh_gqa():
     data = torch.randint(0, 70, (8, 17))
     data[:, 1::2] = (data[:, 0::2][:, :8] * 3) % 70  # a learnable pattern
     x, y = data[:, :-1], data[:, 1:]
-    model = mha().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model = mha()
+    fit_briefly(model, x, y, steps=60)
     pooled = pool_kv_heads(model, 2).eval()
     fresh = GPT(GPTConfig(vocab_size=70, block_size=16, n_layer=2, n_head=4, n_kv_groups=2, n_embd=32)).eval()
     with torch.no_grad():
@@ -94,7 +90,21 @@ def test_load_hf_gpt2_pooled_to_gqa(hf_gpt2_dir):
     path, _ = hf_gpt2_dir
     gqa = load_hf_gpt2(path, kv_groups=2)
     assert gqa.config.n_kv_groups == 2
-    torch.testing.assert_close(gqa.transformer.wte.weight, load_hf_gpt2(path).transformer.wte.weight)
+    # HF's c_attn is a Conv1D of (in, 3 * C) columns: q | k | v, each C = 4 heads x 12 dims, head-major.
+    C, hd = 48, 12
+    for layer in range(2):
+        w = hf_gpt2_dir[1].transformer.h[layer].attn.c_attn.weight.detach().t()  # (3C, C) rows, as nn.Linear
+        b = hf_gpt2_dir[1].transformer.h[layer].attn.c_attn.bias.detach()
+        ours_w = gqa.transformer.h[layer].attn.c_attn.weight
+        ours_b = gqa.transformer.h[layer].attn.c_attn.bias
+        torch.testing.assert_close(ours_w[:C], w[:C])  # queries untouched
+        for part, offset in (("k", C), ("v", 2 * C)):
+            for group in range(2):  # pooled head g = mean of HF heads 2g and 2g+1
+                heads_w = [w[offset + h * hd: offset + (h + 1) * hd] for h in (2 * group, 2 * group + 1)]
+                heads_b = [b[offset + h * hd: offset + (h + 1) * hd] for h in (2 * group, 2 * group + 1)]
+                rows = slice(C + (part == "v") * 2 * hd + group * hd, C + (part == "v") * 2 * hd + (group + 1) * hd)
+                torch.testing.assert_close(ours_w[rows], (heads_w[0] + heads_w[1]) / 2, msg=f"{part} {group}")
+                torch.testing.assert_close(ours_b[rows], (heads_b[0] + heads_b[1]) / 2, msg=f"{part} {group}")
 
 
 def test_load_hf_gpt2_without_files_is_a_clear_error(tmp_path):

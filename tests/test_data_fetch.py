@@ -4,7 +4,7 @@ import pytest
 import requests
 
 from gpt_lightning.data.fetch import fetch_books
-from gpt_lightning.errors import UserError
+from gpt_lightning.common.errors import UserError
 
 FAST = dict(retries=3, backoff_factor=0.001, pause=0, timeout=(5, 10))
 

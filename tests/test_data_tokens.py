@@ -9,7 +9,7 @@ import tiktoken
 
 from gpt_lightning.data import tokens
 from gpt_lightning.data.tokens import build_tokens, check_fractions, dtype_for, get_encoding, split_paragraphs
-from gpt_lightning.errors import UserError
+from gpt_lightning.common.errors import UserError
 
 
 def test_bytes_encoding_is_built_offline():
@@ -19,8 +19,8 @@ def test_bytes_encoding_is_built_offline():
     assert max(ids) < 256 and enc.decode(ids) == "Capitú, olhos de ressaca"
 
 
-def test_tiktoken_encodings_load_from_the_cache():
-    assert get_encoding("gpt2").n_vocab == 50257
+def test_tiktoken_encodings_load_from_the_cache(require_encoding):
+    assert require_encoding("gpt2").n_vocab == 50257
 
 
 def test_unknown_encoding_is_one_line_listing_valid_names():

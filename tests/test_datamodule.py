@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpt_lightning.data import MachadoDataModule, tokens
-from gpt_lightning.errors import UserError
+from gpt_lightning.common.errors import UserError
 
 
 def prepared(make, stage=None, **overrides) -> MachadoDataModule:
@@ -184,7 +184,9 @@ def test_setup_before_prepare_says_what_to_run(fixture_dm):
         fixture_dm().setup("fit")
 
 
-def test_all_twelve_real_books_with_gpt2(copy_shared_books, gutenberg_server, tmp_path):
+@pytest.mark.slow
+def test_all_twelve_real_books_with_gpt2(copy_shared_books, gutenberg_server, tmp_path, require_encoding):
+    require_encoding("gpt2")
     dm = MachadoDataModule(books=copy_shared_books, base_url=gutenberg_server.base_url, root=str(tmp_path / "data"),
                            encoding="gpt2", block_size=128, pause=0, backoff_factor=0.001)
     meta = dm.prepare_data()

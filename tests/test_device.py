@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gpt_lightning import device
+from gpt_lightning.common import device
 
 
 @pytest.mark.parametrize("cuda, bf16_gpu, cpu_bf16, accelerator, expected", [

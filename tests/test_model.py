@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fit_briefly
 
-from gpt_lightning.errors import UserError
-from gpt_lightning.kv_cache import kv_cache_bytes_per_token
-from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.common.errors import UserError
+from gpt_lightning.model import GPT, GPTConfig, kv_cache_bytes_per_token
 
 ATTENTIONS = {"mha": 4, "gqa": 2, "mqa": 1}  # kv_groups at 4 heads
 
@@ -50,9 +50,9 @@ def test_causality(kv_groups):
 
 
 def plain_attention_forward(attn, x):
-    """Reference: explicit masked softmax, query head i reads KV head i // (n_head // n_kv)."""
+    """Reference: explicit masked softmax, query head i reads KV head i // (n_head // G)."""
     B, T, C = x.shape
-    hd, nh, nkv = attn.head_dim, attn.n_head, attn.n_kv
+    hd, nh, nkv = attn.head_dim, attn.n_head, attn.n_kv_groups
     q, k, v = attn.c_attn(x).split([C, nkv * hd, nkv * hd], dim=2)
     q = q.view(B, T, nh, hd).transpose(1, 2)
     k = k.view(B, T, nkv, hd).transpose(1, 2)
@@ -165,12 +165,8 @@ def test_bf16_weight_decode_matches_fp32_greedy_on_a_trained_model():
     model = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_kv_groups=2, n_embd=64))
     seq = torch.arange(64) * 7 % 50  # a deterministic cycle the model can learn
     x, y = seq[:-1].view(1, -1)[:, :32], seq[1:].view(1, -1)[:, :32]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(200):
-        loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_briefly(model, x, y, steps=200)
+    model.eval()
     prompt = x[:, :6]
     fp32 = model.generate(prompt, 20, temperature=0)[0, 6:]
     bf16 = GPT(model.config).to(torch.bfloat16)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from gpt_lightning.model import GPTConfig
-from gpt_lightning.module import GPTLightningModule, cosine_with_warmup
+from gpt_lightning.model.optim import cosine_with_warmup
+from gpt_lightning.training.module import GPTLightningModule
 
 
 def test_schedule_warms_up_then_decays_to_min():
@@ -17,7 +18,7 @@ def test_schedule_warms_up_then_decays_to_min():
 
 def test_checkpoint_hyperparameters_rebuild_the_model():
     cfg = GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=4, n_kv_groups=1, n_embd=32)
-    m = GPTLightningModule.from_config(cfg, {"lr": 1e-3}, encoding="bytes", attention_type="mqa")
+    m = GPTLightningModule.from_config(cfg, {"lr": 1e-3}, encoding="bytes")
     rebuilt = GPTLightningModule(**m.hparams)
     rebuilt.load_state_dict(m.state_dict())
     x = torch.randint(0, 257, (1, 8))

@@ -14,12 +14,15 @@ from conftest import REPO, TRAIN_ENV, run_train, train_command
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+pytestmark = pytest.mark.slow  # subprocess runs of the real entry points
+
+
 def command(corpus, *overrides, multirun=False):
-    return train_command(corpus, "generation.prompts=[]", *overrides, multirun=multirun)
+    return train_command(corpus, "~callbacks.generation", *overrides, multirun=multirun)
 
 
 def train(corpus, cwd, *overrides, multirun=False):
-    return run_train(corpus, cwd, "generation.prompts=[]", *overrides, multirun=multirun)
+    return run_train(corpus, cwd, "~callbacks.generation", *overrides, multirun=multirun)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -76,7 +79,7 @@ def test_multirun_with_ddp_keeps_one_directory_per_job(corpus, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
     jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
-    assert jobs == ["0_gqa_h4_kv1", "1_gqa_h4_kv2"]
+    assert jobs == ["0_mqa_h4_kv1", "1_gqa_h4_kv2"]
     for job in jobs:
         assert step_of(tmp_path / "sweep" / job / "checkpoints" / "last.ckpt") == 4
 

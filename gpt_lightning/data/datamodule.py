@@ -23,26 +23,13 @@ from gpt_lightning.data.tokens import (SPLITS, build_tokens, cache_key, check_fr
                                        split_paragraphs)
 from gpt_lightning.data.sampler import ShardedSampler
 from gpt_lightning.data.windows import TokenWindows
-from gpt_lightning.errors import UserError
+from gpt_lightning.common.errors import UserError
+from gpt_lightning.common.files import atomic_write_text
 
 
 def resolve_root(root) -> Path:
     """Relative paths resolve against the launch directory (Hydra's original cwd when Hydra runs)."""
     return Path(to_absolute_path(os.path.expanduser(str(root)))).resolve()
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic write that leaves an identical file alone."""
-    if path.exists() and path.read_text(encoding="utf-8") == text:
-        return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class MachadoDataModule(L.LightningDataModule):
@@ -144,7 +131,7 @@ class MachadoDataModule(L.LightningDataModule):
                                 "delete the file to download it again") from e
             text = book_text(paragraphs)
             try:
-                _write_text(clean_dir / f"{b}.txt", text)
+                atomic_write_text(clean_dir / f"{b}.txt", text, skip_if_same=True)
             except OSError as e:
                 raise UserError(f"could not write {clean_dir / f'{b}.txt'}: {e.strerror or e}") from e
             books.append({"id": b, "title": title or f"Gutenberg #{b}", "raw_bytes": len(data),
@@ -193,6 +180,8 @@ class MachadoDataModule(L.LightningDataModule):
                                 f"process(es) = {per_step} windows per step, but the checkpoint trained with "
                                 f"{self._resumed_windows_per_step}: its data position cannot be restored; resume "
                                 f"with the same batch size and devices, or use init_from= to start a new run")
+            # Lightning private API (no public "batches done in this epoch"): the fit loop's progress counters.
+            # Pinned by tests/test_lightning_internals.py.
             loop = self.trainer.fit_loop
             sampler.set_epoch(loop.epoch_progress.current.processed)
             sampler.start = loop.epoch_loop.batch_progress.current.ready * h.batch_size

@@ -18,7 +18,7 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 from urllib3.util.retry import Retry
 
-from gpt_lightning.errors import UserError
+from gpt_lightning.common.errors import UserError
 
 log = logging.getLogger(__name__)
 USER_AGENT = "gpt_lightning/0.1 (+corpus fetcher)"

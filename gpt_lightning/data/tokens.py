@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from gpt_lightning.errors import UserError
+from gpt_lightning.common.errors import UserError
 
 SPLITS = ("train", "val", "test")
 
@@ -39,6 +39,11 @@ def get_encoding(name: str) -> tiktoken.Encoding:
         raise UserError(f"could not load tiktoken encoding {name!r} ({type(e).__name__}); offline? point "
                         "TIKTOKEN_CACHE_DIR at a cache that holds it (e.g. ../shared/tiktoken_cache), "
                         "or use data.encoding=bytes") from e
+
+
+def encode_prompt(tokenizer: tiktoken.Encoding, prompt: str) -> list[int]:
+    """Prompt ids; an empty prompt starts from <|endoftext|>, as a new document would."""
+    return tokenizer.encode_ordinary(prompt) or [tokenizer.eot_token]
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:

@@ -7,22 +7,24 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from gpt_lightning.errors import UserError
+from gpt_lightning.common.errors import UserError
 
 
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path, outputs_root: Path) -> str | None:
-    """`last` is this run directory's last.ckpt, else the newest last.ckpt under `outputs_root`; a path must exist."""
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path, outputs_root: Path, show: int = 3) -> str | None:
+    """`last` is this run directory's last.ckpt, and only that: resuming another run's checkpoint by accident would
+    mix two runs' curves. When there is none, the error lists the newest candidates with the command for each."""
     if not ckpt_path:
         return None
     if ckpt_path == "last":
         own = run_dir / "checkpoints" / "last.ckpt"
         if own.is_file():
             return str(own)
-        found = sorted(outputs_root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise UserError(f"ckpt_path=last: no last.ckpt in {own.parent} nor anywhere under {outputs_root}; "
-                            f"train first, or pass ckpt_path=PATH")
-        return str(found[-1])
+        found = sorted(outputs_root.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        hint = "; ".join(f"python -m gpt_lightning.train ckpt_path=last hydra.run.dir={p.parent.parent}"
+                         for p in found[:show])
+        raise UserError(f"ckpt_path=last: no last.ckpt in this run directory ({own.parent}); "
+                        + (f"resume one of the newest runs under {outputs_root} with: {hint}" if found
+                           else f"nothing to resume under {outputs_root}: train first, or pass ckpt_path=PATH"))
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise UserError(f"ckpt_path={ckpt_path}: no such file; pass an existing .ckpt, or ckpt_path=last")

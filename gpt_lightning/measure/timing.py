@@ -1,15 +1,18 @@
-"""Measurements shared by training, evaluation and the comparison report: decode speed, peak memory."""
+"""Timing shared by training, evaluation and the bench: device sync, decode tokens/s, medians with min-max."""
 
 from __future__ import annotations
 
-import resource
 import statistics
-import sys
 import time
 
 import torch
 
-from gpt_lightning.generation import stream_tokens
+from gpt_lightning.model.sampling import stream_tokens
+
+
+def summarize(values: list[float]) -> dict:
+    """Median with min-max over interleaved rounds: how every speed figure is reported."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def sync(device: torch.device) -> None:
@@ -39,23 +42,14 @@ def decode_tokens_per_sec(model, prompt: torch.Tensor, new_tokens: int = 64, rep
     return statistics.median(time_decode(model, prompt, new_tokens) for _ in range(repeats))
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Measured dense matmul FLOP/s (best of `repeats`) for an n x n x n product."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = 0.0
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        best = max(best, 2 * n**3 / (time.perf_counter() - start))
-    return best
-
-
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, what was measured): CUDA's peak allocation, else this process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss * (1 if sys.platform == "darwin" else 1024), "process peak RSS"
+def end_of_run_decode(model, batch_size: int = 1, prompt_tokens: int = 16, new_tokens: int = 32,
+                      repeats: int = 2) -> float:
+    """The decode tokens/s a training run reports: a fixed pseudo-random prompt (decode speed does not depend on
+    the text), kept inside the context so cached decoding, not re-prefill, is timed."""
+    c = model.config
+    prompt_tokens = min(prompt_tokens, c.block_size - 1)
+    new_tokens = min(new_tokens, c.block_size - prompt_tokens)
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, c.vocab_size, (batch_size, prompt_tokens), generator=g).to(device)
+    return decode_tokens_per_sec(model, prompt, new_tokens=new_tokens, repeats=repeats)

@@ -1,33 +1,46 @@
-"""Text-generation callback: after each validation, rank 0 continues fixed Portuguese prompts."""
+"""Our Lightning callbacks: text samples after each validation, a checkpoint on SIGTERM, and Lightning's
+ThroughputMonitor given an MFU peak on CPUs too. Each is configured in conf/callbacks/ (remove one with
+`~callbacks.NAME`)."""
 
 from __future__ import annotations
 
 import logging
 
 import lightning as L
-import lightning.pytorch.callbacks
 import torch
-from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gpt_lightning.errors import UserError
-from gpt_lightning.generation import check_sampling
-from gpt_lightning.measure import matmul_peak
+from gpt_lightning.common.errors import UserError
+from gpt_lightning.data.tokens import encode_prompt
+from gpt_lightning.measure.limits import matmul_peak
+from gpt_lightning.model.sampling import check_sampling
 
 log = logging.getLogger(__name__)
 
+# What each Lightning precision computes its matmuls in (public: the `trainer.precision` string).
+COMPUTE_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "bf16": torch.bfloat16,
+                 "16-mixed": torch.float16, "16-true": torch.float16, "16": torch.float16,
+                 "64-true": torch.float64, "64": torch.float64}
 
-class ThroughputMonitor(lightning.pytorch.callbacks.ThroughputMonitor):
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return COMPUTE_DTYPE.get(str(precision), torch.float32)
+
+
+class MFUThroughputMonitor(ThroughputMonitor):
     """Lightning's ThroughputMonitor, with MFU on CPUs too: where Lightning has no spec peak for the device
-    (every CPU, unknown GPUs) the peak is this device's measured dense-matmul rate in the training dtype."""
+    (every CPU, unknown GPUs), the peak is this device's measured dense-matmul rate in the training dtype."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.available_flops is None:
-            dtype = _plugin_to_compute_dtype(trainer.precision_plugin)
-            self.available_flops = matmul_peak(trainer.strategy.root_device, dtype, n=1024, repeats=3)
+            self.available_flops = matmul_peak(trainer.strategy.root_device, compute_dtype(trainer.precision),
+                                               n=1024, repeats=3)
+            # Lightning private API (no public setter): the Throughput objects that setup() just built copied
+            # available_flops=None. Pinned by tests/test_lightning_internals.py.
             for throughput in self._throughputs.values():
                 throughput.available_flops = self.available_flops
 
@@ -42,17 +55,15 @@ def batch_tokens(batch) -> int:
     return batch[0].numel()
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Prompt ids; an empty prompt starts from <|endoftext|>, as a new document would."""
-    return tokenizer.encode_ordinary(prompt) or [tokenizer.eot_token]
-
-
 class GenerationCallback(L.Callback):
+    """After each validation, rank 0 continues fixed prompts and logs them (console, TensorBoard `samples`)."""
+
     def __init__(self, prompts, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int | None = 50,
                  top_p: float | None = None, seed: int = 1234):
         check_sampling(temperature, top_k, top_p)  # before training, not after the first validation
         if max_new_tokens < 1:
-            raise UserError(f"generation.max_new_tokens={max_new_tokens} must be >= 1 (or generation.prompts=[])")
+            raise UserError(f"callbacks.generation.max_new_tokens={max_new_tokens} must be >= 1 "
+                            f"(or ~callbacks.generation to turn samples off)")
         self.prompts = list(prompts)
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
@@ -83,8 +94,8 @@ class CheckpointOnSigterm(L.Callback):
     """On SIGTERM (preemption, `scancel`, `kill`) write `last.ckpt` before the process exits.
 
     Lightning turns SIGTERM into a SIGTERMException at the next batch boundary on every rank; this saves the
-    full training state there (atomically: Lightning writes to a temp file and renames), so
-    `ckpt_path=last` resumes from the step the signal arrived at rather than the last periodic checkpoint.
+    full training state there, so `ckpt_path=last` resumes from the step the signal arrived at rather than the
+    last periodic checkpoint.
     """
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

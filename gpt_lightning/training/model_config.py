@@ -1,16 +1,40 @@
-"""From the composed Hydra config to a validated `GPTConfig`: the `attention` group's type must agree with its counts."""
+"""From the composed Hydra config to a validated `GPTConfig`, and the config resolvers the run directories use.
+
+`attention=mha|gqa|mqa` picks a preset; the preset's `type` must agree with its counts (mha: kv_groups = n_heads;
+mqa: kv_groups = 1; gqa: any divisor, so a gqa sweep can span MQA..MHA). What a run is *called* never comes from
+`type`: it is `attention_label(n_heads, kv_groups)`, derived from the counts (folder names, records, HPARAMS).
+"""
 
 from __future__ import annotations
 
-from gpt_lightning.errors import UserError
-from gpt_lightning.model import GPTConfig
+import os
+
+from omegaconf import OmegaConf
+
+from gpt_lightning.common.errors import UserError
+from gpt_lightning.model import GPTConfig, attention_label
 
 ATTENTION_TYPES = ("mha", "gqa", "mqa")
 
 
+def _label_resolver(n_heads, kv_groups) -> str:
+    try:
+        return attention_label(int(n_heads), int(kv_groups))
+    except (TypeError, ValueError):  # a bad value: the folder name says so, the config check names it
+        return "invalid"
+
+
+def register_resolvers() -> None:
+    """`${attention_label:${attention.n_heads},${attention.kv_groups}}` and `${pid:}` (run directories: two runs
+    started in the same second by two processes never share a directory)."""
+    OmegaConf.register_new_resolver("attention_label", _label_resolver, replace=True)
+    OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), use_cache=True, replace=True)
+
+
+register_resolvers()  # at import: Hydra resolves hydra.run.dir / sweep.subdir after composing
+
+
 def check_attention(type: str, n_heads: int, kv_groups: int) -> None:
-    """mha: kv_groups = n_heads; mqa: kv_groups = 1; gqa: any kv_groups dividing n_heads (1 and n_heads included,
-    so a gqa sweep can span MQA..MHA)."""
     if type not in ATTENTION_TYPES:
         raise UserError(f"attention.type={type!r} is unknown; use one of {', '.join(ATTENTION_TYPES)} "
                         f"(e.g. attention=gqa attention.kv_groups=2)")

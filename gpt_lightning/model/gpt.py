@@ -1,8 +1,10 @@
 """GPT-2 with multi-head, grouped-query or multi-query attention — one compact file, nanoGPT style.
 
-`n_kv_groups` is G, the number of key/value heads (arXiv 2305.13245): G = n_head is MHA, G = 1 is MQA.
+The one naming convention of the whole project (configs say `kv_groups`, code says `n_kv_groups`):
+`n_kv_groups` is G, the number of key/value heads (arXiv 2305.13245). G = n_head is MHA, G = 1 is MQA,
+anything between is GQA; the label is always derived from the counts (`attention_label`), never stored.
 Query head i reads KV head i // (n_head // G): contiguous groups, the convention of SDPA's `enable_gqa`
-and of mean-pooled uptraining.
+and of mean-pooled uptraining. The KV cache holds G heads per layer.
 """
 
 from __future__ import annotations
@@ -14,9 +16,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt_lightning.errors import UserError
-from gpt_lightning.generation import decode
-from gpt_lightning.kv_cache import KVCache
+from gpt_lightning.common.errors import UserError
+from gpt_lightning.model.kv_cache import KVCache
+from gpt_lightning.model.loss import NextTokenLoss
+from gpt_lightning.model.sampling import decode
+
+
+def attention_label(n_head: int, n_kv_groups: int) -> str:
+    """`mha` when every query head has its own KV head, `mqa` with one KV head, else `gqa`."""
+    if n_kv_groups == n_head:
+        return "mha"
+    return "mqa" if n_kv_groups == 1 else "gqa"
 
 
 @dataclass
@@ -50,6 +60,10 @@ class GPTConfig:
             raise UserError(f"model config: dropout={self.dropout} must be in [0, 1)")
 
     @property
+    def attention(self) -> str:
+        return attention_label(self.n_head, self.n_kv_groups)
+
+    @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
@@ -59,41 +73,11 @@ class GPTConfig:
         return math.ceil(self.vocab_size / 64) * 64
 
 
-class NextTokenLoss(torch.autograd.Function):
-    """Mean cross-entropy of (N, V_padded) logits against (N,) targets over the first `vocab` columns only,
-    with a lean backward.
-
-    Same value and gradient as F.cross_entropy(logits[:, :vocab], targets): the padding columns take no
-    probability mass (a zero-initialised padding row, as after loading GPT-2 weights, must not distort the loss)
-    and get a zero gradient. The backward is softmax = exp(log_softmax) written straight into the gradient
-    buffer, minus one at each target: on the dev CPU at 2048 x 50304 this takes ~0.1 s where aten's
-    log_softmax backward takes ~0.5 s (a fifth of a whole training step at the bench shape).
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
-        logp = torch.log_softmax(logits[:, :vocab].float(), dim=-1)  # (N, vocab) fp32, also under bf16 autocast
-        ctx.save_for_backward(logp, targets)
-        ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
-        return -logp.gather(1, targets[:, None]).mean()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        logp, targets = ctx.saved_tensors
-        N, vocab = logp.shape
-        g = logp.new_empty(ctx.logits_shape)  # (N, V_padded) fp32
-        g[:, vocab:] = 0
-        torch.exp(logp, out=g[:, :vocab])  # softmax
-        g.scatter_add_(1, targets[:, None], g.new_full((N, 1), -1.0))
-        g.mul_(grad / N)
-        return g.to(ctx.logits_dtype), None, None
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head, self.n_kv, self.head_dim = config.n_head, config.n_kv_groups, config.head_dim
-        kv_dim = self.n_kv * self.head_dim
+        self.n_head, self.n_kv_groups, self.head_dim = config.n_head, config.n_kv_groups, config.head_dim
+        kv_dim = self.n_kv_groups * self.head_dim
         # One fused projection: n_embd query features, then kv_dim key and kv_dim value features.
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -102,23 +86,23 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        kv_dim = self.n_kv * self.head_dim
+        kv_dim = self.n_kv_groups * self.head_dim
         q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        k = k.view(B, T, self.n_kv_groups, self.head_dim).transpose(1, 2)  # (B, G, T, hd)
+        v = v.view(B, T, self.n_kv_groups, self.head_dim).transpose(1, 2)  # (B, G, T, hd)
         # Prefill into an empty cache is causal; one new token against the cache sees every cached position.
         is_causal = T > 1
         if cache is not None:
             if T > 1 and cache.length:
                 raise ValueError("KVCache takes either a prefill into an empty cache or one token at a time")
-            k, v = cache.update(layer, k, v)  # (B, n_kv, L, hd): the cache holds n_kv heads, never n_head
-        # SDPA broadcasts each KV head to its group of n_head // n_kv query heads (no K/V copies).
+            k, v = cache.update(layer, k, v)  # (B, G, L, hd): the cache holds G heads, never n_head
+        # SDPA broadcasts each KV head to its group of n_head // G query heads (no K/V copies).
         y = F.scaled_dot_product_attention(
             q, k, v,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
-            enable_gqa=self.n_kv != self.n_head,
+            enable_gqa=self.n_kv_groups != self.n_head,
         )  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -226,7 +210,7 @@ class GPT(nn.Module):
         """Extend (B, T) token ids by `max_new_tokens` sampled tokens; temperature 0 is greedy.
 
         Decodes with a preallocated KV cache of n_kv_groups heads per layer; the context is cropped to
-        the last `block_size` tokens (see `gpt_lightning.generation.decode`).
+        the last `block_size` tokens (see `gpt_lightning.model.sampling.decode`).
         """
         return decode(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       generator=generator)

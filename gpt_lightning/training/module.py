@@ -1,9 +1,7 @@
-"""The LightningModule: next-token loss, metrics, AdamW with decay groups, warmup + cosine schedule."""
+"""The LightningModule: next-token loss, val/test metrics, and the optimizer + schedule from the model layer."""
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import asdict
 
 import lightning as L
@@ -11,33 +9,13 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 
 from gpt_lightning.model import GPT, GPTConfig
-
-
-def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `total_steps`, flat after."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if step >= total_steps:
-        return min_ratio
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, optim: dict, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW that decays matrices (linear weights, embeddings) and never biases or LayerNorm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": optim["weight_decay"]},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]), fused=fused)
+from gpt_lightning.model.optim import cosine_with_warmup, make_optimizer
 
 
 class GPTLightningModule(L.LightningModule):
     """Wraps a plain `GPT`. `save_hyperparameters` stores everything needed to rebuild it from a checkpoint alone."""
 
-    def __init__(self, model: dict, optim: dict, compile: bool = False, encoding: str = "gpt2",
-                 attention_type: str | None = None):
+    def __init__(self, model: dict, optim: dict, compile: bool = False, encoding: str = "gpt2"):
         super().__init__()
         self.save_hyperparameters()
         self.config = GPTConfig(**model)
@@ -48,27 +26,11 @@ class GPTLightningModule(L.LightningModule):
         self.val_loss = MeanMetric()  # torchmetrics reduces across DDP ranks
         self.test_loss = MeanMetric()
         self.tokens_seen = 0  # restored from checkpoints, so resumed curves continue
-        self.train_seconds = 0.0  # wall time inside training batches of this process (no validation)
-        self._tokens_at_fit_start = 0  # tokens_seen when this fit began (after a resume restored it)
         self.flops_per_batch = None  # read by Lightning's ThroughputMonitor (FLOPs and MFU curves)
 
     @classmethod
     def from_config(cls, config: GPTConfig, optim: dict, **kwargs) -> "GPTLightningModule":
         return cls(model=asdict(config), optim=dict(optim), **kwargs)
-
-    def on_train_start(self):
-        self._tokens_at_fit_start = self.tokens_seen
-
-    @property
-    def train_tokens(self) -> int:
-        """Tokens trained on by this fit (all ranks), the numerator of its tokens/s."""
-        return self.tokens_seen - self._tokens_at_fit_start
-
-    def on_train_batch_start(self, batch, batch_idx):
-        self._batch_start = time.perf_counter()
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.train_seconds += time.perf_counter() - self._batch_start
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, T) each

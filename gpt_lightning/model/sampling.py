@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from gpt_lightning.errors import UserError
+from gpt_lightning.common.errors import UserError
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -1,4 +1,4 @@
-"""Preallocated key/value cache sized by KV heads (n_kv_groups), not query heads.
+"""Preallocated key/value cache sized by KV heads (n_kv_groups, G), not query heads.
 
 Sizing it by n_head would silently throw away GQA's memory saving: GQA-G stores G/n_head of MHA's bytes.
 """
@@ -8,17 +8,17 @@ from __future__ import annotations
 import torch
 
 
-def kv_cache_bytes_per_token(n_layer: int, n_kv_heads: int, head_dim: int, dtype=torch.float32) -> int:
+def kv_cache_bytes_per_token(n_layer: int, n_kv_groups: int, head_dim: int, dtype=torch.float32) -> int:
     """Bytes one token occupies in the cache: a key and a value vector per KV head per layer."""
-    return 2 * n_layer * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * n_layer * n_kv_groups * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 class KVCache:
     """Keys and values for `max_len` positions, written in place: no re-allocation per token."""
 
-    def __init__(self, n_layer: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
+    def __init__(self, n_layer: int, batch_size: int, n_kv_groups: int, max_len: int, head_dim: int,
                  device=None, dtype=torch.float32):
-        shape = (batch_size, n_kv_heads, max_len, head_dim)  # (B, n_kv, T_max, hd)
+        shape = (batch_size, n_kv_groups, max_len, head_dim)  # (B, G, T_max, hd)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_len = max_len
@@ -30,7 +30,7 @@ class KVCache:
         return 2 * len(self.k) * k.size(1) * k.size(3) * k.element_size()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, n_kv, T, hd) new keys/values after the filled positions; return all filled (B, n_kv, L, hd)."""
+        """Write (B, G, T, hd) new keys/values after the filled positions; return all filled (B, G, L, hd)."""
         end = self.length + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len={self.max_len}")

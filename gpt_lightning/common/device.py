@@ -1,4 +1,4 @@
-"""Device facts the entry points act on: the precision `auto` picks, and a CPU allocator setting."""
+"""Device facts the entry points act on: which device, the precision `auto` picks, and a CPU allocator setting."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from gpt_lightning.common.errors import UserError
+
 
 @functools.cache
 def cpu_has_bf16() -> bool:
@@ -18,6 +20,19 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` (CUDA when visible, else CPU), or any torch device name; a CUDA name without CUDA is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device={name!r} is not a torch device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but CUDA is not available here; use device=cpu")
+    return device
 
 
 def uses_cuda(accelerator: str) -> bool:
