@@ -44,7 +44,7 @@ def test_twenty_steps_write_checkpoints_and_tensorboard(first_run):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert global_step(run_dir / "checkpoints" / "best-step=20.ckpt") == 20
     scalars, tensors = events(run_dir)
-    assert {"train/loss", "val/loss", "val/ppl", "test/loss", "test/ppl", "train/tokens"} <= scalars
+    assert {"train/loss", "val/loss", "val/ppl", "val/bpb", "test/loss", "test/ppl", "test/bpb", "train/tokens"} <= scalars
     assert any(t.startswith("lr-") for t in scalars)
     assert {"train/device/items_per_sec", "train/device/mfu"} <= scalars  # tokens/s, MFU vs the measured CPU peak
     assert "samples/text_summary" in tensors
@@ -98,6 +98,8 @@ def test_multirun_sweeps_kv_groups_into_separate_directories(sweep):
         record = RunRecord.load(job / "summary.json")
         assert (record.kind, record.status, record.attention, record.kv_groups) == ("train", "complete", label, kv)
         assert record.kv_cache_bytes_per_token == 2 * 2 * kv * 16 * 4 and record.kv_cache_bytes_per_token_mha == 2 * 2 * 4 * 16 * 4
+        # bytes encoding: bpb is loss / ln 2, a little more for the <|endoftext|> targets (0 bytes)
+        assert record.test_loss / math.log(2) * (1 - 1e-5) <= record.test_bpb < record.test_loss / math.log(2) * 1.01
 
 
 def test_hparams_tab_lists_each_run_with_its_attention(sweep):
@@ -192,6 +194,7 @@ def test_evaluate_reports_test_metrics_and_kv_bytes_in_the_ratio_kv_groups_over_
     assert r.kv_cache_bytes_per_token * 4 == r.kv_cache_bytes_per_token_mha * 2
     summary = RunRecord.load(run_dir / "summary.json")
     assert r.test_ppl == pytest.approx(summary.test_ppl, rel=0.02)  # fp32 here, bf16 autocast in training
+    assert r.test_bpb == pytest.approx(summary.test_bpb, rel=0.02)
     assert r.parameters == summary.parameters > 0 and r.peak_memory_bytes > 0
     by_batch = r.details["decode_tokens_per_sec_by_batch"]
     assert by_batch["b1"] == r.decode_tokens_per_sec > 0 and by_batch["b8"] > 0

@@ -41,6 +41,25 @@ def get_encoding(name: str) -> tiktoken.Encoding:
                         "or use data.encoding=bytes") from e
 
 
+@functools.lru_cache(maxsize=None)
+def token_byte_lengths(name: str) -> np.ndarray:
+    """UTF-8 bytes each token id of encoding `name` decodes to, computed once: the denominator of bits per byte.
+
+    Special tokens (<|endoftext|>) and ids the encoding leaves unused count 0 bytes: they are no text.
+    """
+    enc = get_encoding(name)
+    special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
+    lengths = np.zeros(enc.n_vocab, dtype=np.int64)
+    for i in range(enc.n_vocab):
+        if i in special:
+            continue
+        try:
+            lengths[i] = len(enc.decode_single_token_bytes(i))
+        except KeyError:  # a gap in the vocabulary (o200k_base has some)
+            pass
+    return lengths
+
+
 def encode_prompt(tokenizer: tiktoken.Encoding, prompt: str) -> list[int]:
     """Prompt ids; an empty prompt starts from <|endoftext|>, as a new document would."""
     return tokenizer.encode_ordinary(prompt) or [tokenizer.eot_token]

@@ -9,6 +9,7 @@ import torch
 
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.data import MachadoDataModule
+from gpt_lightning.data.tokens import token_byte_lengths
 from gpt_lightning.measure.memory import peak_memory
 from gpt_lightning.measure.timing import decode_tokens_per_sec
 from gpt_lightning.training.checkpoints import load_checkpoint, load_gpt
@@ -36,13 +37,15 @@ def data_settings(ckpt: dict, overrides: dict) -> dict:
 
 
 @torch.no_grad()
-def mean_loss(model, loader, device) -> float:
-    total, count = 0.0, 0
+def loss_and_bpb(model, loader, device, token_bytes: torch.Tensor) -> tuple[float, float]:
+    """Mean next-token loss (nats per token) and bits per byte over every window of `loader`."""
+    nats, tokens, n_bytes = 0.0, 0, 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        total += model(x, y).item() * x.size(0)
-        count += x.size(0)
-    return total / count
+        nats += model(x, y).item() * y.numel()
+        tokens += y.numel()
+        n_bytes += int(token_bytes[y.cpu()].sum())
+    return nats / tokens, nats / (math.log(2) * n_bytes)
 
 
 def evaluate_checkpoint(path: str | Path, device: torch.device, data_overrides: dict, prompt_tokens: int,
@@ -60,7 +63,8 @@ def evaluate_checkpoint(path: str | Path, device: torch.device, data_overrides: 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    loss = mean_loss(model, dm.test_dataloader(), device)
+    loss, bpb = loss_and_bpb(model, dm.test_dataloader(), device,
+                             torch.from_numpy(token_byte_lengths(settings["encoding"])))
     c = model.config
     # Stay inside the context: past block_size every step would re-prefill, timing prefill instead of decode.
     prompt_len = min(prompt_tokens, c.block_size - 1)
@@ -71,7 +75,7 @@ def evaluate_checkpoint(path: str | Path, device: torch.device, data_overrides: 
     peak, peak_kind = peak_memory(device)
     return RunRecord.for_model(
         "evaluate", model, encoding=hparams.get("encoding"), global_step=ckpt.get("global_step"),
-        test_loss=loss, test_ppl=math.exp(loss), decode_tokens_per_sec=decode.get("b1"),
+        test_loss=loss, test_ppl=math.exp(loss), test_bpb=bpb, decode_tokens_per_sec=decode.get("b1"),
         peak_memory_bytes=peak, peak_memory_kind=peak_kind, device=str(device), checkpoint=str(path),
         details={"decode_tokens_per_sec_by_batch": decode, "decode_prompt_tokens": prompt_len,
                  "decode_new_tokens": new, "test_tokens": len(dm.datasets["test"]) * c.block_size})

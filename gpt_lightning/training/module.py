@@ -1,12 +1,22 @@
-"""The LightningModule: next-token loss, val/test metrics, and the optimizer + schedule from the model layer."""
+"""The LightningModule: next-token loss, val/test metrics (loss, perplexity, bits per byte), and the optimizer +
+schedule from the model layer.
+
+Bits per byte (bpb) = summed next-token loss in nats over the target tokens / (ln 2 x the UTF-8 bytes those targets
+decode to). Unlike loss per token it does not depend on the tokenizer, so gpt2, o200k_base and byte-level runs share
+one axis. <|endoftext|> counts 0 bytes. Validation reports it over the evaluated batches (limit_val_batches), test
+over every window of the test split.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 
 import lightning as L
 import torch
-from torchmetrics.aggregation import MeanMetric
+from torchmetrics.aggregation import MeanMetric, SumMetric
+
+from gpt_lightning.data.tokens import token_byte_lengths
 
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.model.optim import cosine_with_warmup, make_optimizer
@@ -25,6 +35,10 @@ class GPTLightningModule(L.LightningModule):
             self.model.compile()
         self.val_loss = MeanMetric()  # torchmetrics reduces across DDP ranks
         self.test_loss = MeanMetric()
+        # Bits per byte: summed nats and summed target bytes, divided at the end (torchmetrics sums across ranks).
+        self.register_buffer("token_bytes", torch.from_numpy(token_byte_lengths(encoding)), persistent=False)
+        self.val_nats, self.val_bytes = SumMetric(), SumMetric()
+        self.test_nats, self.test_bytes = SumMetric(), SumMetric()
         self.tokens_seen = 0  # restored from checkpoints, so resumed curves continue
         self.flops_per_batch = None  # read by Lightning's ThroughputMonitor (FLOPs and MFU curves)
 
@@ -42,23 +56,31 @@ class GPTLightningModule(L.LightningModule):
         self.log("train/tokens", float(self.tokens_seen))
         return loss
 
-    def validation_step(self, batch, batch_idx):
+    def _evaluate(self, batch, loss_metric, nats, bytes_):
         x, y = batch
-        self.val_loss.update(self.model(x, y), weight=x.size(0))  # per window, also for a short last batch
+        loss = self.model(x, y)  # mean over the B*T targets
+        loss_metric.update(loss, weight=x.size(0))  # per window, also for a short last batch
+        nats.update(loss.float() * y.numel())
+        bytes_.update(self.token_bytes[y].sum())
+
+    def _log_evaluation(self, stage, loss_metric, nats, bytes_, **kwargs):
+        loss = loss_metric.compute()
+        bpb = nats.compute() / (math.log(2) * bytes_.compute())
+        for metric in (loss_metric, nats, bytes_):
+            metric.reset()
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/ppl": torch.exp(loss), f"{stage}/bpb": bpb}, **kwargs)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, self.val_loss, self.val_nats, self.val_bytes)
 
     def on_validation_epoch_end(self):
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss)}, prog_bar=True)
+        self._log_evaluation("val", self.val_loss, self.val_nats, self.val_bytes, prog_bar=True)
 
     def test_step(self, batch, batch_idx):
-        x, y = batch
-        self.test_loss.update(self.model(x, y), weight=x.size(0))
+        self._evaluate(batch, self.test_loss, self.test_nats, self.test_bytes)
 
     def on_test_epoch_end(self):
-        loss = self.test_loss.compute()
-        self.test_loss.reset()
-        self.log_dict({"test/loss": loss, "test/ppl": torch.exp(loss)})
+        self._log_evaluation("test", self.test_loss, self.test_nats, self.test_bytes)
 
     def configure_optimizers(self):
         o = self.hparams.optim
