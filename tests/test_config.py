@@ -108,3 +108,14 @@ def test_every_trainer_preset_is_accepted_by_lightning_trainer():
     accepted = set(inspect.signature(L.Trainer).parameters)
     for preset in ("default", "cpu", "gpu", "ddp"):
         assert set(cfg(f"trainer={preset}").trainer) <= accepted, preset
+
+
+def test_kv_sweep_seeds_is_kv_sweep_on_three_seeds_with_seed_as_the_outer_loop():
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        seeds = compose("config", overrides=["experiment=kv_sweep_seeds"], return_hydra_config=True)
+        single = compose("config", overrides=["experiment=kv_sweep"], return_hydra_config=True)
+    for group in ("model", "attention", "trainer", "optim", "data"):
+        assert OmegaConf.to_container(seeds[group]) == OmegaConf.to_container(single[group]), group
+    assert list(seeds.hydra.sweeper.params.items()) == [("seed", "1,2,3"), ("attention.kv_groups", "1,2,4,8")]
