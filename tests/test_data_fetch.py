@@ -106,8 +106,8 @@ def test_connection_refused_names_the_url_and_the_cause(tmp_path):
 
 
 def test_closed_port_fails_within_connect_timeout_times_retries(tmp_path):
-    # Before: each of the 2 URLs of each book slept through urllib3's uncapped backoff (1 + 2 s here, about
-    # 30 s with the defaults), so 3 books took 18 s. Now each sleep is capped at the connect timeout and the
+    # Before: each of the 2 URLs of each book slept through urllib3's backoff (0 + 2 + 4 s here, 30 s with
+    # the defaults), so these 3 books took 36 s. Now each sleep is capped at the connect timeout and the
     # first unreachable URL ends the fetch.
     start = time.monotonic()
     with pytest.raises(UserError):
