@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from gpt_lightning.data.clean import book_text, clean_book, decode, paragraphs, title_of
+from gpt_lightning.data.clean import NotABook, book_text, clean_book, decode, paragraphs, title_of
 
 PROSE = ("Uma noite destas, vindo da cidade para o Engenho Novo, encontrei no trem da Central um rapaz "
          "aqui do bairro, que eu conheço de vista e de chapéo. Comprimentou-me, sentou-se ao pé de mim.")
@@ -38,6 +38,35 @@ def test_licence_credits_and_illustrations_are_removed(make_gutenberg_text):
 def test_missing_marker_is_an_error():
     with pytest.raises(ValueError, match="START"):
         clean_book(b"just some text")
+
+
+def test_html_character_references_are_decoded(make_gutenberg_text):
+    raw = make_gutenberg_text("Helena", ["Ele disse &quot;sim&quot;, n&atilde;o &#233; &#x41;, &lt;nada&gt; &amp; "
+                                         "tudo&nbsp;mais &mdash; e foi-se embora para a cidade, meu caro amigo."])
+    (para,) = clean_book(raw, min_paragraph_chars=0)[1]
+    assert para.replace("\n", " ") == "Ele disse «sim», não é A, <nada> & tudo mais — e foi-se embora para a cidade, meu caro amigo."
+
+
+def test_a_bare_ampersand_and_unterminated_names_are_kept():
+    # html.unescape alone would read "&notas" as "¬as" (an HTML5 legacy name without ";")
+    assert paragraphs("Garnier &notas & C. editores, Rio de Janeiro e Paris, 1899.", 0) == \
+        ["Garnier &notas & C. editores, Rio de Janeiro e Paris, 1899."]
+
+
+def test_binary_between_the_markers_is_not_a_book():
+    import random
+
+    raw = (b"*** START OF THE PROJECT GUTENBERG EBOOK X ***\n" + random.Random(1).randbytes(20_000)
+           + b"\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\n")
+    with pytest.raises(NotABook, match=r"control characters .*binary data"):
+        clean_book(raw)
+
+
+def test_a_book_needs_min_book_chars_of_clean_text(make_gutenberg_text):
+    raw = make_gutenberg_text("Helena", [PROSE, OTHER])
+    assert clean_book(raw, min_book_chars=len(PROSE) + len(OTHER))[1] == [PROSE, OTHER]
+    with pytest.raises(NotABook, match=rf"only {len(PROSE) + len(OTHER)} characters"):
+        clean_book(raw, min_book_chars=len(PROSE) + len(OTHER) + 1)
 
 
 def test_title_comes_from_the_title_line():

@@ -1,5 +1,9 @@
 """Fetching: real HTTP against a loopback server laid out as Gutenberg's URLs."""
 
+import os
+import socket
+import time
+
 import pytest
 import requests
 
@@ -78,9 +82,75 @@ def test_missing_book_is_named_with_urls_and_status_and_the_others_are_kept(gute
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1.txt", "3.txt"]
 
 
-def test_connection_refused_is_reported_per_book(tmp_path):
-    with pytest.raises(UserError, match=r"book 5: tried http://127\.0\.0\.1:9/cache/epub/5/pg5\.txt \("):
+def test_downloaded_files_follow_the_umask(gutenberg_server, make_gutenberg_text, tmp_path):
+    gutenberg_server.add_book(1, make_gutenberg_text("Helena", ["Uma frase."]))
+    old = os.umask(0o022)
+    try:
+        fetch(gutenberg_server, [1], tmp_path)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "1.txt").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
+
+
+def closed_port() -> str:
+    """http://127.0.0.1:<a port nothing listens on> (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_connection_refused_names_the_url_and_the_cause(tmp_path):
+    with pytest.raises(UserError, match=r"cannot connect to http://127\.0\.0\.1:9: "
+                                        r"http://127\.0\.0\.1:9/cache/epub/5/pg5\.txt \(.*refused"):
         fetch_books([5], tmp_path, "http://127.0.0.1:9", retries=0, backoff_factor=0, pause=0, timeout=(2, 2))
+
+
+def test_closed_port_fails_within_connect_timeout_times_retries(tmp_path):
+    # Before: each of the 2 URLs of each book slept through urllib3's backoff (0 + 2 + 4 s here, 30 s with
+    # the defaults), so these 3 books took 36 s. Now each sleep is capped at the connect timeout and the
+    # first unreachable URL ends the fetch.
+    start = time.monotonic()
+    with pytest.raises(UserError):
+        fetch_books([1, 2, 3], tmp_path, closed_port(), retries=3, backoff_factor=1.0, pause=0, timeout=(0.2, 5))
+    assert time.monotonic() - start < 3 * 0.2 + 0.5
+
+
+def test_closed_port_says_how_many_books_are_cached(tmp_path):
+    (tmp_path / "2.txt").write_bytes(b"cached")
+    with pytest.raises(UserError) as err:
+        fetch_books([1, 2, 3], tmp_path, closed_port(), retries=0, backoff_factor=0, pause=0, timeout=(1, 1))
+    msg = str(err.value)
+    assert "\n" not in msg and "others are cached" not in msg
+    assert f"1 of 3 books are cached in {tmp_path} (missing: 1, 3)" in msg
+    with pytest.raises(UserError, match="0 of 1 books are cached"):
+        fetch_books([7], tmp_path / "empty", closed_port(), retries=0, backoff_factor=0, pause=0, timeout=(1, 1))
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("retries", -1, "data.retries=-1 must be a whole number >= 0"),
+    ("retries", 1.5, "data.retries=1.5"),
+    ("retries", "abc", "data.retries='abc'"),
+    ("timeout", "abc", "data.timeout='abc' must be a number of seconds > 0 or a pair"),
+    ("timeout", [0, 0], r"data.timeout=\[0, 0\]"),
+    ("timeout", [5], r"data.timeout=\[5\]"),
+    ("timeout", [5, 10, 15], r"data.timeout=\[5, 10, 15\]"),
+    ("timeout", -1, "data.timeout=-1"),
+    ("timeout", float("nan"), "data.timeout=nan"),
+    ("backoff_factor", -1, "data.backoff_factor=-1 must be a number of seconds >= 0"),
+    ("backoff_factor", "x", "data.backoff_factor='x'"),
+    ("pause", -0.5, "data.pause=-0.5 must be a number of seconds >= 0"),
+])
+def test_bad_http_settings_are_one_line_before_any_request(gutenberg_server, tmp_path, setting, value, says):
+    with pytest.raises(UserError, match=says) as err:
+        fetch(gutenberg_server, [1], tmp_path / "raw", **{setting: value})
+    assert "\n" not in str(err.value)
+    assert gutenberg_server.requests == [] and not (tmp_path / "raw").exists()
+
+
+def test_a_missing_book_counts_the_cached_ones(gutenberg_server, make_gutenberg_text, tmp_path):
+    gutenberg_server.add_book(1, make_gutenberg_text("Um", ["Uma frase."]))
+    with pytest.raises(UserError, match=rf"could not download 2 of 3 books \(1 of 3 are cached in {tmp_path}\)"):
+        fetch(gutenberg_server, [1, 2, 3], tmp_path)
 
 
 @pytest.mark.parametrize("base_url", ["ftp://www.gutenberg.org", "file:///tmp", "www.gutenberg.org"])

@@ -1,7 +1,6 @@
 """Encodings, paragraph splits and the token cache."""
 
 import errno
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,11 +78,23 @@ def test_streams_end_each_book_with_eot(tmp_path):
     assert meta["tokens"] == {"train": 9, "val": 5, "test": 1}
 
 
-def test_a_full_disk_leaves_no_half_cache(tmp_path, monkeypatch):
-    def full(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+def test_meta_records_size_dtype_tokens_and_sha256_of_every_file(tmp_path):
+    import hashlib
 
-    monkeypatch.setattr(Path, "write_text", full)
+    books = [{"id": 1, "title": "A", "raw_bytes": 1, "clean_chars": 1, "paragraphs": ["ab", "cd", "ef"]}]
+    meta = build_tokens(tmp_path / "k", get_encoding("bytes"), books, {1: ["train", "train", "val"]}, {})
+    for split, n in meta["tokens"].items():
+        data = (tmp_path / "k" / f"{split}.bin").read_bytes()
+        assert meta["files"][f"{split}.bin"] == {"bytes": len(data), "dtype": "uint16", "tokens": n,
+                                                 "sha256": hashlib.sha256(data).hexdigest()}
+    assert tokens.verify_tokens(tmp_path / "k", 257) == meta
+
+
+def test_a_full_disk_leaves_no_half_cache(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")  # what fsync reports when the disk fills
+
+    monkeypatch.setattr(tokens.os, "fsync", full)
     books = [{"id": 1, "title": "A", "raw_bytes": 1, "clean_chars": 1, "paragraphs": ["ab"]}]
     with pytest.raises(UserError, match=r"k.*No space left on device"):
         build_tokens(tmp_path / "k", get_encoding("bytes"), books, {1: ["train"]}, {})

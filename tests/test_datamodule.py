@@ -208,3 +208,56 @@ def test_a_file_without_gutenberg_markers_is_named(fixture_dm, fixture_corpus, g
     gutenberg_server.add_book(90004, b"<html>Service temporarily unavailable</html>")
     with pytest.raises(UserError, match=r"book 90004 \(.*90004\.txt\) is not a Project Gutenberg text: no '\*\*\*"):
         fixture_dm(books=[*fixture_corpus[1], 90004]).prepare_data()
+
+
+def test_a_train_split_that_cannot_fill_one_batch_is_refused_with_the_numbers(fixture_dm):
+    dm = fixture_dm(block_size=1000, batch_size=200)  # 107 train windows: drop_last would leave 0 batches
+    dm.prepare_data()
+    with pytest.raises(UserError, match=r"the train split has 107 windows of data\.block_size=1000 tokens .*fewer than "
+                                        r"one batch of data\.batch_size=200: .*lower data\.batch_size"):
+        dm.setup("fit")
+    dm.setup("test")  # evaluation keeps its last partial batch: a test split of a few windows is fine
+
+
+def test_one_batch_per_process_is_needed_under_ddp(fixture_dm):
+    from types import SimpleNamespace
+
+    dm = fixture_dm(block_size=1000, batch_size=60)  # 107 windows: 1 batch on 1 process, 0 on each of 2
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(UserError, match=r"107 windows .*data\.batch_size=60 per process x 2 processes = 120"):
+        dm.setup("fit")
+
+
+def test_random_binary_between_gutenberg_markers_is_refused_with_the_book_id(fixture_dm, fixture_corpus,
+                                                                          gutenberg_server):
+    import random
+
+    noise = random.Random(0).randbytes(40_000)
+    gutenberg_server.add_book(90004, b"*** START OF THE PROJECT GUTENBERG EBOOK X ***\n" + noise
+                              + b"\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\n")
+    with pytest.raises(UserError, match=r"book 90004 \(.*90004\.txt\) does not look like a book: [\d,]+ of the "
+                                        r"[\d,]+ characters .* are control characters.*drop 90004 from data\.books"):
+        fixture_dm(books=[*fixture_corpus[1], 90004]).prepare_data()
+
+
+def test_a_stub_between_gutenberg_markers_is_refused_with_the_book_id(fixture_dm, fixture_corpus, gutenberg_server,
+                                                                    make_gutenberg_text):
+    from gpt_lightning.data.clean import MIN_BOOK_CHARS
+
+    stub = ["Este livro ainda nao esta disponivel nesta colecao; volte mais tarde, por favor."] * 3
+    gutenberg_server.add_book(90004, make_gutenberg_text("Stub", stub))
+    with pytest.raises(UserError, match=rf"book 90004 .*does not look like a book: only 2[\d,]+ characters of text "
+                                        rf".*fewer than the {MIN_BOOK_CHARS:,}"):
+        fixture_dm(books=[*fixture_corpus[1], 90004]).prepare_data()
+
+
+def test_the_saved_root_is_absolute(fixture_dm, tmp_path, monkeypatch):
+    """A checkpoint stores dm.hparams (Lightning's datamodule_hyper_parameters): `evaluate` run from another
+    directory must find the same cache, not download the corpus into a new relative folder."""
+    monkeypatch.chdir(tmp_path)
+    dm = fixture_dm(root="rel")
+    assert dm.hparams.root == str(tmp_path / "rel") == str(dm.root)
+    monkeypatch.chdir(tmp_path / "..")
+    assert MachadoDataModule(**dm.hparams).root == tmp_path / "rel"

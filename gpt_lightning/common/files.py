@@ -17,7 +17,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a shared cache must stay readable
+        os.chmod(tmp, umask_mode())  # mkstemp makes 0600; a shared cache must stay readable
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -38,7 +38,23 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode open()/mkdir() would give a new file (0o666) or folder (0o777) under the process's umask.
+
+    tempfile.mkstemp/mkdtemp create 0600/0700 whatever the umask; chmod their results to this before the
+    rename that publishes them, or a cache shared between users is unreadable to all but its writer.
+    """
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 def _umask() -> int:
+    # Linux reports it without changing it; os.umask(0) would, for an instant, for every thread.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

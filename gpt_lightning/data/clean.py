@@ -6,6 +6,11 @@ Cleaning policy (bump CLEAN_VERSION whenever it changes: it is part of the token
   CRLF/CR become LF, and the text is put in Unicode NFC.
 - Only the text between the "*** START OF THIS/THE PROJECT GUTENBERG EBOOK ... ***" and
   "*** END OF ... ***" markers is kept: the licence header and footer are gone.
+- A book must be plausible text (NotABook otherwise): at most 1 % of the characters between the markers
+  may be control characters (other than tab, newline, CR, FF, VT) or U+FFFD (random binary has ~11 %,
+  the 12 books none); and, with min_book_chars (the DataModule passes MIN_BOOK_CHARS = 1,000), at
+  least that many characters must be left after cleaning (before the min_paragraph_chars filter):
+  less is a stub, an error page or a cut file, not a book (the shortest of the 12 keeps ~200,000).
 - Apparatus is dropped: the "End of the Project Gutenberg EBook of ..." paragraph, producer credits
   ("Produced by ...", "Produced by: ..."); transcriber notes (a "Notas" heading followed by a note
   such as "Os erros óbvios ... foram corrigidos" ends the book there); bracketed tags such as
@@ -14,8 +19,10 @@ Cleaning policy (bump CLEAN_VERSION whenever it changes: it is part of the token
   (a block headed INDICE/ÍNDICE/Index/Summario, or the publisher's "OBRAS DO AUTOR" list, and the
   line-list blocks after it up to the next prose paragraph); and, as a safety net, any paragraph
   that still mentions Project Gutenberg.
-- Markup: _italic_ underscores are removed; the transcribers' * and ** markers are removed
-  (the book's own "***", an elided name as in "frei ***", is kept); "&amp;" becomes "&".
+- Markup: HTML character references with their ";" are decoded ("&amp;" -> "&", "&quot;" -> '"',
+  "&atilde;" -> "ã", "&#233;" -> "é", "&nbsp;" -> no-break space; the rules below then apply to what
+  they become); a bare "&" is left alone. _italic_ underscores are removed; the transcribers' * and **
+  markers are removed (the book's own "***", an elided name as in "frei ***", is kept).
 - Punctuation:
   dashes    "--" (any run of two or more hyphens) becomes the em dash "—" (the travessão of
             dialogue); single hyphens (disse-lhe, guarda-chuva) are kept;
@@ -32,11 +39,14 @@ Cleaning policy (bump CLEAN_VERSION whenever it changes: it is part of the token
   lines) are dropped. The caller ends each book with <|endoftext|>.
 """
 
+import html
 import re
 import unicodedata
 
-CLEAN_VERSION = 1
+CLEAN_VERSION = 2  # 2: HTML character references decoded
 EOT = "<|endoftext|>"
+MIN_BOOK_CHARS = 1_000
+NON_TEXT_SHARE = 0.01
 
 _START = re.compile(r"^\*\*\* ?START OF (?:THIS|THE) PROJECT GUTENBERG EBOOK.*\*\*\*[ \t]*$", re.M | re.I)
 _END = re.compile(r"^\*\*\* ?END OF (?:THIS|THE) PROJECT GUTENBERG EBOOK.*\*\*\*[ \t]*$", re.M | re.I)
@@ -50,6 +60,13 @@ _DROP = re.compile(r"^(?:End of (?:the )?Project Gutenberg|Produced by)|Project 
 _NOTE = re.compile(r"^Transcriber'?s? notes?|erros? (?:óbvios|tipográficos).*corrigid|Nota do transcritor", re.I)
 _NOTE_HEADING = re.compile(r"^(?:notas?|notes?)[.:]?$", re.I)
 _TOC = re.compile(r"^(?:[IÍ]ndice|Index|Summario|Sumário|Obras do autor)\.?$", re.I)
+# Only references closed by ";": html.unescape alone would also turn "&notas" into "¬as" (HTML5 legacy names).
+_ENTITY = re.compile(r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);")
+_NON_TEXT = re.compile(r"[\x00-\x08\x0e-\x1f\x7f\ufffd]")
+
+
+class NotABook(ValueError):
+    """Between valid Gutenberg markers, but not plausibly a book (binary data, or next to no text)."""
 
 
 def decode(raw: bytes) -> str:
@@ -96,7 +113,7 @@ def drop_tags(text: str) -> str:
 
 def normalize(text: str) -> str:
     """Markup and punctuation policy (see module docstring) on a whole body."""
-    text = text.replace("_", "").replace("&amp;", "&")
+    text = _ENTITY.sub(lambda m: html.unescape(m.group()), text).replace("_", "")
     text = re.sub(r"(?<!\*)\*{1,2}(?!\*)", "", text)
     text = re.sub(r"-{2,}", "—", text)
     text = text.replace("…", "...").replace("‘", "'").replace("’", "'")
@@ -139,10 +156,29 @@ def paragraphs(body: str, min_chars: int) -> list[str]:
     return [p for p in paras if len(p) >= min_chars]
 
 
-def clean_book(raw: bytes, min_paragraph_chars: int = 50) -> tuple[str | None, list[str]]:
-    """Raw Gutenberg bytes -> (title, paragraphs). ValueError when the START/END markers are missing."""
+def check_text(body: str) -> None:
+    """NotABook when more than NON_TEXT_SHARE of the body is control characters or U+FFFD (binary data)."""
+    bad = _NON_TEXT.findall(body)
+    if len(bad) > NON_TEXT_SHARE * len(body):
+        first = _NON_TEXT.search(body)
+        raise NotABook(f"{len(bad):,} of the {len(body):,} characters between the markers are control characters "
+                       f"or undecodable bytes (the first, {first.group()!r}, at character {first.start():,}): "
+                       "binary data, not text")
+
+
+def clean_book(raw: bytes, min_paragraph_chars: int = 50, min_book_chars: int = 0) -> tuple[str | None, list[str]]:
+    """Raw Gutenberg bytes -> (title, paragraphs). ValueError when the START/END markers are missing,
+    NotABook (a ValueError) when the body is binary or, after cleaning, shorter than min_book_chars."""
     text = decode(raw)
-    return title_of(text), paragraphs(body_of(text), min_paragraph_chars)
+    body = body_of(text)
+    check_text(body)
+    paras = paragraphs(body, 0)
+    chars = sum(len(p) for p in paras)
+    if chars < min_book_chars:
+        raise NotABook(f"only {chars:,} characters of text are left between the markers after cleaning, fewer "
+                       f"than the {min_book_chars:,} of the shortest plausible book: a stub, an error page or a "
+                       "cut file")
+    return title_of(text), [p for p in paras if len(p) >= min_paragraph_chars]
 
 
 def book_text(paragraphs: list[str]) -> str:

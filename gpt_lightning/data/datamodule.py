@@ -3,10 +3,13 @@
 Layout under data.root: raw/<ID>.txt (as downloaded), clean/<ID>.txt (what the model reads),
 tokens/<key>/{train,val,test}.bin + meta.json. prepare_data (rank 0) downloads and writes and sets no
 state; setup (every rank) only reads. Bad settings raise UserError there, not in __init__ (Hydra's
-instantiate would wrap the error).
+instantiate would wrap the error). Both verify the token cache against meta.json before use; only
+prepare_data rebuilds a damaged one. Nothing is written (nor checked for writability) that is already
+complete, so a finished cache works read-only.
 """
 
 import hashlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -17,14 +20,16 @@ from hydra.utils import to_absolute_path
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader
 
-from gpt_lightning.data.clean import CLEAN_VERSION, book_text, clean_book
-from gpt_lightning.data.fetch import check_base_url, fetch_books
-from gpt_lightning.data.tokens import (SPLITS, build_tokens, cache_key, check_fractions, get_encoding, read_meta,
-                                       split_paragraphs)
+from gpt_lightning.data.clean import CLEAN_VERSION, MIN_BOOK_CHARS, NotABook, book_text, clean_book
+from gpt_lightning.data.fetch import check_base_url, check_http, fetch_books
+from gpt_lightning.data.tokens import (SPLITS, DamagedCache, build_tokens, cache_key, check_fractions, get_encoding,
+                                       split_paragraphs, verify_tokens)
 from gpt_lightning.data.sampler import ShardedSampler
 from gpt_lightning.data.windows import TokenWindows
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.common.files import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def resolve_root(root) -> Path:
@@ -42,8 +47,11 @@ class MachadoDataModule(L.LightningDataModule):
         super().__init__()
         # Only global rank 0 downloads and writes; multi-node runs need data.root on a shared filesystem.
         self.prepare_data_per_node = False
+        # save_hyperparameters reads the arguments from this frame's locals: the saved root (checkpoints'
+        # datamodule_hyper_parameters) is the absolute one, so evaluate run elsewhere finds the same cache.
+        root = str(resolve_root(root))
         self.save_hyperparameters()
-        self.root = resolve_root(root)
+        self.root = Path(root)
         self.meta: dict | None = None        # set by setup
         self.token_dir: Path | None = None   # set by setup
         self.datasets: dict[str, TokenWindows] = {}
@@ -74,6 +82,7 @@ class MachadoDataModule(L.LightningDataModule):
             raise UserError(f"data.books={list(h.books or [])} must be a non-empty list of Gutenberg book IDs "
                             "(numbers)")
         check_base_url(h.base_url)
+        check_http(h.timeout, h.retries, h.backoff_factor, h.pause)
         check_fractions(h.val_fraction, h.test_fraction)
         split_paragraphs(0, h.split, h.val_fraction, h.test_fraction, 0)  # validates the split name
         if not (isinstance(h.block_size, int) and h.block_size > 0):
@@ -82,13 +91,14 @@ class MachadoDataModule(L.LightningDataModule):
             raise UserError(f"data.train_stride={h.train_stride} must be null or a positive integer")
         self.tokenizer  # unknown or unloadable encoding: fail now
 
-    def _check_writable(self) -> None:
+    def _check_writable(self, folder: Path) -> None:
+        """Called only when something must be written into `folder` (a complete cache may be read-only)."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=self.root).close()
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
         except OSError as e:
-            raise UserError(f"data.root={self.root} is not writable ({e.strerror or e}); "
-                            "choose another data.root") from e
+            raise UserError(f"data.root={self.root} is not writable ({e.strerror or e}): {folder} must be written; "
+                            "choose another data.root or make it writable") from e
 
     def _raw(self) -> dict[int, bytes]:
         raw = {}
@@ -109,55 +119,85 @@ class MachadoDataModule(L.LightningDataModule):
                 "val_fraction": h.val_fraction, "test_fraction": h.test_fraction,
                 "split_seed": h.split_seed if h.split == "random_paragraphs" else None}
 
-    # -- Lightning hooks --
-    def prepare_data(self) -> dict:
-        """Rank 0: download, clean (writing clean/), split and tokenise. Returns meta; sets nothing on self."""
+    def _clean(self, raw: dict[int, bytes]) -> list[dict]:
+        """Clean every book (refusing what is not plausibly one), writing clean/<ID>.txt where it changed."""
         h = self.hparams
-        self._check()
-        self._check_writable()
-        fetch_books(self.books, self.root / "raw", h.base_url, h.timeout, h.retries, h.backoff_factor, h.pause)
-        raw = self._raw()
-        inputs = self._cache_inputs(raw)
-        token_dir = self.root / "tokens" / cache_key(inputs)
-
         clean_dir = self.root / "clean"
-        clean_dir.mkdir(exist_ok=True)
         books = []
         for b, data in raw.items():
+            path = self.root / "raw" / f"{b}.txt"
             try:
-                title, paragraphs = clean_book(data, h.min_paragraph_chars)
+                title, paragraphs = clean_book(data, h.min_paragraph_chars, min_book_chars=MIN_BOOK_CHARS)
+            except NotABook as e:
+                raise UserError(f"book {b} ({path}) does not look like a book: {e}; delete the file to download "
+                                f"it again, or drop {b} from data.books") from e
             except ValueError as e:
-                raise UserError(f"book {b} ({self.root / 'raw' / f'{b}.txt'}) is not a Project Gutenberg text: {e}; "
+                raise UserError(f"book {b} ({path}) is not a Project Gutenberg text: {e}; "
                                 "delete the file to download it again") from e
             text = book_text(paragraphs)
-            try:
-                atomic_write_text(clean_dir / f"{b}.txt", text, skip_if_same=True)
-            except OSError as e:
-                raise UserError(f"could not write {clean_dir / f'{b}.txt'}: {e.strerror or e}") from e
+            target = clean_dir / f"{b}.txt"
+            if not (target.is_file() and target.read_bytes() == text.encode("utf-8")):
+                self._check_writable(clean_dir)
+                try:
+                    atomic_write_text(target, text)
+                except OSError as e:
+                    raise UserError(f"could not write {target}: {e.strerror or e}") from e
             books.append({"id": b, "title": title or f"Gutenberg #{b}", "raw_bytes": len(data),
                           "clean_chars": len(text), "paragraphs": paragraphs})
         empty = [f"{b['id']} ({b['title']})" for b in books if not b["paragraphs"]]
         if empty:
             raise UserError(f"no text left after cleaning in book(s) {', '.join(empty)}: no paragraph of at least "
                             f"data.min_paragraph_chars={h.min_paragraph_chars} characters; lower it or drop the book")
+        return books
 
-        if (token_dir / "meta.json").exists():
-            return read_meta(token_dir)  # same inputs: reuse without re-encoding
+    # -- Lightning hooks --
+    def prepare_data(self) -> dict:
+        """Rank 0: download, clean (writing clean/), split and tokenise. Returns meta; sets nothing on self.
+
+        A token cache that fails verification is rebuilt here, with one warning naming the file. Under DDP,
+        Lightning runs this on global rank 0 only, and every rank waits at a barrier before setup.
+        """
+        h = self.hparams
+        self._check()
+        raw_dir = self.root / "raw"
+        if any(not (raw_dir / f"{b}.txt").exists() for b in self.books):
+            self._check_writable(raw_dir)
+        fetch_books(self.books, raw_dir, h.base_url, h.timeout, h.retries, h.backoff_factor, h.pause)
+        raw = self._raw()
+        inputs = self._cache_inputs(raw)
+        token_dir = self.root / "tokens" / cache_key(inputs)
+        books = self._clean(raw)
+
+        if os.path.lexists(token_dir):
+            try:
+                return verify_tokens(token_dir, self.vocab_size)  # same inputs, intact: reuse without re-encoding
+            except DamagedCache as e:
+                log.warning("damaged token cache: %s; rebuilding %s from %s", e, token_dir.name, raw_dir)
+        self._check_writable(token_dir.parent)
         labels = {b["id"]: split_paragraphs(len(b["paragraphs"]), h.split, h.val_fraction, h.test_fraction,
                                             [h.split_seed, b["id"]]) for b in books}
         return build_tokens(token_dir, self.tokenizer, books, labels, inputs)
 
     def setup(self, stage: str | None = None) -> None:
-        """Every rank: open the token files of this configuration and check each needed split holds a window."""
+        """Every rank: verify and open the token files of this configuration; check each needed split is usable."""
         h = self.hparams
         self._check()
         token_dir = self.root / "tokens" / cache_key(self._cache_inputs(self._raw()))
-        if not (token_dir / "meta.json").exists():
+        if not os.path.lexists(token_dir):
             raise UserError(f"no token cache at {token_dir}; run prepare_data() first "
                             "(python -m gpt_lightning.prepare)")
-        self.token_dir, self.meta = token_dir, read_meta(token_dir)
+        # setup never rebuilds: under DDP it runs on every rank at once, and ranks rebuilding (or reading while
+        # one rebuilds) would race. prepare_data (rank 0, before the barrier) is the one writer; damage found
+        # here appeared after it ran, or prepare was skipped.
+        try:
+            self.meta = verify_tokens(token_dir, self.vocab_size)
+        except DamagedCache as e:
+            raise UserError(f"damaged token cache: {e}; run `python -m gpt_lightning.prepare` with the same data "
+                            "settings (or prepare_data()) to rebuild it") from None
+        self.token_dir = token_dir
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}.get(stage, SPLITS)
         share = {"train": 1.0, "val": h.val_fraction, "test": h.test_fraction}
+        world = self.trainer.world_size if self.trainer is not None else 1
         for s in SPLITS:
             ds = TokenWindows(token_dir / f"{s}.bin", self.meta["dtype"], h.block_size,
                               h.train_stride if s == "train" else None)
@@ -166,6 +206,13 @@ class MachadoDataModule(L.LightningDataModule):
                 raise UserError(f"the {s} split has {ds.n_tokens} tokens, fewer than one window of "
                                 f"data.block_size + 1 = {h.block_size + 1}; use a smaller block_size, "
                                 f"more books (data.books) or {more}")
+            if s == "train" and s in needed and len(ds) // world < h.batch_size:
+                # The train loader drops the last partial batch: fewer windows than one batch = zero steps.
+                per = f" per process x {world} processes = {h.batch_size * world}" if world > 1 else ""
+                raise UserError(f"the train split has {len(ds)} windows of data.block_size={h.block_size} tokens "
+                                f"(one every {ds.stride}), fewer than one batch of data.batch_size={h.batch_size}"
+                                f"{per}: no training step could run; lower data.batch_size, data.block_size or "
+                                "data.train_stride, or add books (data.books)")
             self.datasets[s] = ds
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:

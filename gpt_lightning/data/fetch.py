@@ -3,22 +3,27 @@
 A book already cached is never fetched again; with every book cached no HTTP session is even made.
 Files appear atomically (temp file in the same dir + os.replace), so an interrupted or short download
 never leaves a file behind. One missing book does not stop the others: all the rest are fetched,
-then one UserError lists every missing book.
+then one UserError lists every missing book. A server that cannot be reached at all (connection refused,
+connect timeout, unknown host) stops the whole fetch at the first book: every other URL is on the same host.
 """
 
 import logging
+import math
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
 import requests
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
+from urllib3.exceptions import NewConnectionError
 from urllib3.util.retry import Retry
 
 from gpt_lightning.common.errors import UserError
+from gpt_lightning.common.files import umask_mode
 
 log = logging.getLogger(__name__)
 USER_AGENT = "gpt_lightning/0.1 (+corpus fetcher)"
@@ -33,15 +38,43 @@ def check_base_url(base_url: str) -> str:
     return base_url.rstrip("/")
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_http(timeout, retries, backoff_factor, pause):
+    """Refuse bad HTTP settings before any network, one line each; returns timeout as requests takes it."""
+    if not (isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0):
+        raise UserError(f"data.retries={retries!r} must be a whole number >= 0 (0: try each URL once)")
+    pair = isinstance(timeout, Sequence) and not isinstance(timeout, (str, bytes))  # list, tuple, ListConfig
+    values = list(timeout) if pair else [timeout]
+    if (pair and len(values) != 2) or not all(_number(t) and t > 0 for t in values):
+        raise UserError(f"data.timeout={timeout!r} must be a number of seconds > 0 or a pair [connect, read] "
+                        "of them, e.g. [10, 60]")
+    for name, value in (("backoff_factor", backoff_factor), ("pause", pause)):
+        if not (_number(value) and value >= 0):
+            raise UserError(f"data.{name}={value!r} must be a number of seconds >= 0")
+    return tuple(float(t) for t in values) if pair else float(timeout)
+
+
+def connect_timeout(timeout) -> float:
+    return timeout[0] if isinstance(timeout, tuple) else timeout
+
+
 def book_urls(base_url: str, book_id) -> list[str]:
     """Where Gutenberg keeps a book's plain text, in the order tried."""
     return [f"{base_url}/cache/epub/{book_id}/pg{book_id}.txt", f"{base_url}/files/{book_id}/{book_id}-0.txt"]
 
 
-def make_session(retries: int, backoff_factor: float) -> requests.Session:
-    """A session that retries connection errors and 5xx with exponential backoff (urllib3 Retry)."""
+def make_session(retries: int, backoff_factor: float, backoff_max: float = 120.0) -> requests.Session:
+    """A session that retries connection errors and 5xx with exponential backoff (urllib3 Retry).
+
+    backoff_max caps each sleep; fetch_books passes the connect timeout, so a closed port gives up within
+    retries x connect timeout (urllib3's own cap is 120 s: about a minute per URL with the defaults).
+    """
     retry = Retry(total=retries, connect=retries, read=retries, status=retries, backoff_factor=backoff_factor,
-                  status_forcelist=(500, 502, 503, 504), allowed_methods=("GET",), raise_on_status=False)
+                  backoff_max=backoff_max, status_forcelist=(500, 502, 503, 504), allowed_methods=("GET",),
+                  raise_on_status=False)
     session = requests.Session()
     session.mount("http://", HTTPAdapter(max_retries=retry))
     session.mount("https://", HTTPAdapter(max_retries=retry))
@@ -52,6 +85,15 @@ def make_session(retries: int, backoff_factor: float) -> requests.Session:
 
 class _ShortBody(Exception):
     pass
+
+
+class Unreachable(Exception):
+    """No connection could be made to the server (after urllib3's retries): trying more URLs there is futile."""
+
+
+def _cannot_connect(e: requests.RequestException) -> bool:
+    reason = getattr(e.args[0], "reason", None) if e.args else None
+    return isinstance(e, requests.ConnectTimeout) or isinstance(reason, NewConnectionError)
 
 
 def _reason(e: Exception) -> str:
@@ -66,13 +108,17 @@ def download(session, url: str, dest: Path, timeout, retries: int, backoff_facto
 
     Connection errors and 5xx are retried inside urllib3; a body cut short (urllib3 raises while
     streaming, or fewer bytes than Content-Length) is retried here with the same backoff.
+    Raises Unreachable when no connection could be made at all.
     """
+    last = None
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(backoff_factor * 2 ** (attempt - 1))
         try:
             r = session.get(url, stream=True, timeout=timeout)
         except requests.RequestException as e:
+            if _cannot_connect(e):
+                raise Unreachable(_reason(e)) from e
             return _reason(e)  # urllib3 already retried it
         tmp = None
         try:
@@ -90,6 +136,7 @@ def download(session, url: str, dest: Path, timeout, retries: int, backoff_facto
                         bar.update(len(chunk))
                 if size is not None and written != size:
                     raise _ShortBody(f"body of {written} bytes, Content-Length {size}")
+            os.chmod(tmp, umask_mode())  # mkstemp makes 0600: a shared cache must be readable by others
             os.replace(tmp, dest)
             return None
         except (_ShortBody, requests.exceptions.ChunkedEncodingError, requests.ConnectionError) as e:
@@ -110,26 +157,34 @@ def fetch_books(book_ids, raw_dir: Path, base_url: str, timeout=(10, 60), retrie
                 backoff_factor: float = 1.0, pause: float = 1.0) -> None:
     """Make sure <raw_dir>/<ID>.txt exists for every book; UserError listing every book that could not be had."""
     base_url = check_base_url(base_url)
+    timeout = check_http(timeout, retries, backoff_factor, pause)  # (connect, read) or one number for both
     todo = [b for b in book_ids if not (raw_dir / f"{b}.txt").exists()]
     if not todo:
         return  # everything cached: no session, no network
     raw_dir.mkdir(parents=True, exist_ok=True)
-    timeout = timeout if isinstance(timeout, (int, float)) else tuple(timeout)  # (connect, read)
+    cached = lambda: sum((raw_dir / f"{b}.txt").exists() for b in book_ids)  # noqa: E731
     missing = []
-    with make_session(retries, backoff_factor) as session:
+    with make_session(retries, backoff_factor, backoff_max=connect_timeout(timeout)) as session:
         for i, book in enumerate(todo):
             if i and pause:
                 time.sleep(pause)  # be polite between downloads (Gutenberg's robot policy)
             tried = []
             for url in book_urls(base_url, book):
                 log.info("downloading book %s from %s", book, url)
-                error = download(session, url, raw_dir / f"{book}.txt", timeout, retries, backoff_factor)
+                try:
+                    error = download(session, url, raw_dir / f"{book}.txt", timeout, retries, backoff_factor)
+                except Unreachable as e:
+                    left = [b for b in book_ids if not (raw_dir / f"{b}.txt").exists()]
+                    raise UserError(f"cannot connect to {base_url}: {url} ({e}) after {retries} retries; "
+                                    f"{cached()} of {len(book_ids)} books are cached in {raw_dir} (missing: "
+                                    f"{', '.join(map(str, left))}); check data.base_url and the network, or put "
+                                    f"the books at {raw_dir}/<ID>.txt") from None
                 if error is None:
                     break
                 tried.append(f"{url} ({error})")
             else:
                 missing.append(f"  book {book}: tried " + ", ".join(tried))
     if missing:
-        raise UserError(f"could not download {len(missing)} of {len(book_ids)} books "
-                        f"(the others are cached in {raw_dir}); check data.books and data.base_url:\n"
+        raise UserError(f"could not download {len(missing)} of {len(book_ids)} books ({cached()} of "
+                        f"{len(book_ids)} are cached in {raw_dir}); check data.books and data.base_url:\n"
                         + "\n".join(missing))
