@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from gpt_lightning.data.clean import NotABook, book_text, clean_book, decode, paragraphs, title_of
+from gpt_lightning.data.clean import NotABook, book_text, clean_book, decode_text, paragraphs, title_of
 
 PROSE = ("Uma noite destas, vindo da cidade para o Engenho Novo, encontrei no trem da Central um rapaz "
          "aqui do bairro, que eu conheço de vista e de chapéo. Comprimentou-me, sentou-se ao pé de mim.")
@@ -70,7 +70,7 @@ def test_a_book_needs_min_book_chars_of_clean_text(make_gutenberg_text):
 
 
 def test_title_comes_from_the_title_line():
-    assert title_of(decode("\ufeffTitle: Yayá Garcia\r\n\r\nAuthor: X".encode())) == "Yayá Garcia"
+    assert title_of(decode_text("\ufeffTitle: Yayá Garcia\r\n\r\nAuthor: X".encode())) == "Yayá Garcia"
 
 
 def test_footnote_blocks_and_markers_are_removed():

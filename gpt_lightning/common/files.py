@@ -5,16 +5,22 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over `path` (atomic on POSIX)."""
+@contextmanager
+def atomic_file(path: str | Path, suffix: str = ".tmp") -> Iterator[BinaryIO]:
+    """A binary file to write `path` through: a temp file in the same folder that, when the block ends normally,
+    is fsynced, given the umask's mode and renamed over `path` (atomic on POSIX). If the block raises (a kill, a
+    failed check such as a short download), the temp file is removed and `path` keeps its old content."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, umask_mode())  # mkstemp makes 0600; a shared cache must stay readable
@@ -23,6 +29,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | Path, text: str, skip_if_same: bool = False) -> None:

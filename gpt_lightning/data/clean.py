@@ -69,7 +69,7 @@ class NotABook(ValueError):
     """Between valid Gutenberg markers, but not plausibly a book (binary data, or next to no text)."""
 
 
-def decode(raw: bytes) -> str:
+def decode_text(raw: bytes) -> str:
     """Bytes -> NFC text with LF line ends."""
     try:
         text = raw.decode("utf-8-sig")
@@ -169,7 +169,7 @@ def check_text(body: str) -> None:
 def clean_book(raw: bytes, min_paragraph_chars: int = 50, min_book_chars: int = 0) -> tuple[str | None, list[str]]:
     """Raw Gutenberg bytes -> (title, paragraphs). ValueError when the START/END markers are missing,
     NotABook (a ValueError) when the body is binary or, after cleaning, shorter than min_book_chars."""
-    text = decode(raw)
+    text = decode_text(raw)
     body = body_of(text)
     check_text(body)
     paras = paragraphs(body, 0)

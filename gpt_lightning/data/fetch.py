@@ -1,7 +1,7 @@
 """Download Gutenberg books into <root>/raw/<ID>.txt, exactly as served, once.
 
 A book already cached is never fetched again; with every book cached no HTTP session is even made.
-Files appear atomically (temp file in the same dir + os.replace), so an interrupted or short download
+Files appear atomically (common.files.atomic_file: temp file in the same dir, fsync, rename), so an interrupted or short download
 never leaves a file behind. One missing book does not stop the others: all the rest are fetched,
 then one UserError lists every missing book. A server that cannot be reached at all (connection refused,
 connect timeout, unknown host) stops the whole fetch at the first book: every other URL is on the same host.
@@ -9,8 +9,6 @@ connect timeout, unknown host) stops the whole fetch at the first book: every ot
 
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +21,7 @@ from urllib3.exceptions import NewConnectionError
 from urllib3.util.retry import Retry
 
 from gpt_lightning.common.errors import UserError
-from gpt_lightning.common.files import umask_mode
+from gpt_lightning.common.files import atomic_file
 
 log = logging.getLogger(__name__)
 USER_AGENT = "gpt_lightning/0.1 (+corpus fetcher)"
@@ -120,24 +118,20 @@ def download(session, url: str, dest: Path, timeout, retries: int, backoff_facto
             if _cannot_connect(e):
                 raise Unreachable(_reason(e)) from e
             return _reason(e)  # urllib3 already retried it
-        tmp = None
         try:
             with r:
                 if r.status_code != 200:
                     return f"HTTP {r.status_code}"
                 size = int(r.headers.get("Content-Length", 0)) or None
-                fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
                 written = 0
-                with os.fdopen(fd, "wb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=dest.stem,
-                                                    leave=False, disable=None) as bar:
+                with atomic_file(dest, suffix=".part") as f, tqdm(total=size, unit="B", unit_scale=True,
+                                                                   desc=dest.stem, leave=False, disable=None) as bar:
                     for chunk in r.iter_content(1 << 16):
                         f.write(chunk)
                         written += len(chunk)
                         bar.update(len(chunk))
-                if size is not None and written != size:
-                    raise _ShortBody(f"body of {written} bytes, Content-Length {size}")
-            os.chmod(tmp, umask_mode())  # mkstemp makes 0600: a shared cache must be readable by others
-            os.replace(tmp, dest)
+                    if size is not None and written != size:  # raised inside: the partial file is removed
+                        raise _ShortBody(f"body of {written} bytes, Content-Length {size}")
             return None
         except (_ShortBody, requests.exceptions.ChunkedEncodingError, requests.ConnectionError) as e:
             last = f"short body ({e})" if isinstance(e, _ShortBody) else _reason(e)
@@ -147,9 +141,6 @@ def download(session, url: str, dest: Path, timeout, retries: int, backoff_facto
         except OSError as e:  # our side: disk full, permissions
             raise UserError(f"could not write {dest}: {e.strerror or e}; free some disk space "
                             "or choose another data.root") from e
-        finally:
-            if tmp and os.path.exists(tmp):
-                os.unlink(tmp)
     return last
 
 
