@@ -23,6 +23,7 @@ from gpt_lightning.measure.memory import peak_memory
 from gpt_lightning.measure.timing import end_of_run_decode
 from gpt_lightning.training.checkpoints import init_state_from, load_checkpoint
 from gpt_lightning.training.hparams import log_hparams_end, log_hparams_start
+from gpt_lightning.training.loggers import build_loggers
 from gpt_lightning.training.model_config import gpt_config_from_cfg
 from gpt_lightning.training.module import GPTLightningModule
 from gpt_lightning.training.run_dirs import one_ddp_job, pin_ddp_children_to_this_job, resolve_ckpt_path
@@ -96,7 +97,7 @@ def train(cfg: DictConfig) -> dict:
         module.model.load_state_dict(init_state_from(cfg.init_from, gpt_config, cfg.data.encoding))
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
+    loggers = build_loggers(cfg.logger)  # one or several: logger=[tensorboard,csv]
     pin_ddp_children_to_this_job()
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     check_devices(trainer_args)
