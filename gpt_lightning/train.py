@@ -12,6 +12,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import get_original_cwd, instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -22,11 +23,14 @@ from gpt_lightning.common.errors import UserError
 from gpt_lightning.measure.memory import peak_memory
 from gpt_lightning.measure.timing import end_of_run_decode
 from gpt_lightning.training.checkpoints import init_state_from, load_checkpoint
+from gpt_lightning.training.divergence import TrainingDiverged, stop_diverged
 from gpt_lightning.training.hparams import log_hparams_end, log_hparams_start
+from gpt_lightning.training.loggers import build_loggers
 from gpt_lightning.training.model_config import gpt_config_from_cfg
 from gpt_lightning.training.module import GPTLightningModule
 from gpt_lightning.training.run_dirs import one_ddp_job, pin_ddp_children_to_this_job, resolve_ckpt_path
 from gpt_lightning.training.run_record import TRAIN_RECORD, RunRecord
+from gpt_lightning.training.search import check_hparams_search, run_objective
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,7 @@ def train(cfg: DictConfig) -> dict:
         module.model.load_state_dict(init_state_from(cfg.init_from, gpt_config, cfg.data.encoding))
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None]
+    loggers = build_loggers(cfg.logger)  # one or several: logger=[tensorboard,csv]
     pin_ddp_children_to_this_job()
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     check_devices(trainer_args)
@@ -133,12 +137,17 @@ def main(cfg: DictConfig) -> float | None:
     with exits_on_user_error():
         try:
             with one_ddp_job():
-                metrics = train(cfg)
+                train(cfg)
         except SIGTERMException:  # preempted: say so to the scheduler (a bare SystemExit would exit 0)
             print("stopped by SIGTERM; resume with ckpt_path=last and this run's hydra.run.dir", file=sys.stderr)
             sys.exit(128 + signal.SIGTERM)
-    return metrics.get("val/loss")  # what a Hydra sweeper would minimise
+        except TrainingDiverged as e:  # NaN/inf loss: one line; a sweep records a failed trial and goes on
+            return stop_diverged(e, multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
+    # What a Hydra sweeper minimises: best val bpb (else best val loss) from the run record train wrote.
+    return run_objective(HydraConfig.get().runtime.output_dir)
 
 
 if __name__ == "__main__":
+    with exits_on_user_error():
+        check_hparams_search(sys.argv[1:])  # one line naming the searches, not Hydra's multi-line listing
     main()

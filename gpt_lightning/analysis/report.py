@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from gpt_lightning.analysis.runs import find_runs, read_run
+from gpt_lightning.analysis.runs import curve_source_notes, find_runs, read_run
+from gpt_lightning.analysis.search import search_section
 from gpt_lightning.common.errors import UserError
 
 COLUMNS = ["run", "status", "attention", "n_head", "kv_groups", "parameters", "best_val_loss", "val_ppl",
@@ -87,6 +88,8 @@ def compare(root: Path, out: Path | None = None) -> list[dict]:
     lines += ["| " + " | ".join(_fmt(r.get(k)) for k in COLUMNS) + " |" for r in rows]
     lines += ["", "val_ppl is exp(best val loss); test_ppl is measured with the best checkpoint; KV-cache bytes per "
               "token are fp32 (half in bf16); tokens/s were measured on the machine that trained each run.", ""]
+    lines += curve_source_notes(rows)
+    lines += search_section(root)  # each arm's best parameters, when root holds a per-arm search
     lines += [f"![{name}]({name})" for name in images]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     return rows

@@ -1,7 +1,9 @@
-"""Reading finished (or crashed) runs back from disk: their run record, Hydra config and TensorBoard scalars."""
+"""Reading finished (or crashed) runs back from disk: their run record, Hydra config and curves (TensorBoard events,
+else the CSV logger's metrics.csv)."""
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -13,8 +15,9 @@ from gpt_lightning.training.run_record import TRAIN_RECORD, RunRecord
 
 def find_runs(root: Path) -> list[Path]:
     """Run directories: those holding a Hydra config, a summary or TensorBoard events."""
-    marks = [*root.glob("**/.hydra/config.yaml"), *root.glob(f"**/{TRAIN_RECORD}"), *root.glob("**/tb/events.out.*")]
-    runs = {m.parent.parent if m.parent.name in (".hydra", "tb") else m.parent for m in marks}
+    marks = [*root.glob("**/.hydra/config.yaml"), *root.glob(f"**/{TRAIN_RECORD}"), *root.glob("**/tb/events.out.*"),
+             *root.glob("**/csv/metrics.csv")]
+    runs = {m.parent.parent if m.parent.name in (".hydra", "tb", "csv") else m.parent for m in marks}
     return sorted(runs)
 
 
@@ -29,6 +32,41 @@ def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
         for tag in acc.Tags()["scalars"]:
             scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
     return {tag: sorted(points) for tag, points in scalars.items()}
+
+
+def read_csv_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every metric's (step, value) points from the CSV logger's <run>/csv/metrics.csv (one column per metric)."""
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            step = row.pop("step", "")
+            row.pop("epoch", None)
+            for tag, value in row.items():
+                if value not in ("", None) and step != "":
+                    scalars.setdefault(tag, []).append((int(float(step)), float(value)))
+    return {tag: sorted(points) for tag, points in scalars.items()}
+
+
+def read_curves(run: Path) -> tuple[dict[str, list[tuple[int, float]]], str]:
+    """(scalars, source): TensorBoard's events when the run has any, else the CSV logger's metrics.csv.
+    source is "tensorboard", "csv" or "none"."""
+    if any((run / "tb").glob("events.out.tfevents.*")):
+        return read_scalars(run), "tensorboard"
+    if (run / "csv" / "metrics.csv").is_file():
+        return read_csv_scalars(run), "csv"
+    return {}, "none"
+
+
+def curve_source_notes(rows: list[dict]) -> list[str]:
+    """Report lines naming the runs without TensorBoard events, and where their curves came from."""
+    csv_runs = [r["run"] for r in rows if r.get("curves") == "csv"]
+    no_curves = [r["run"] for r in rows if r.get("curves") == "none"]
+    lines = []
+    if csv_runs:
+        lines.append(f"No TensorBoard events in {', '.join(csv_runs)}: their curves come from csv/metrics.csv.")
+    if no_curves:
+        lines.append(f"No TensorBoard events and no csv/metrics.csv in {', '.join(no_curves)}: no curves.")
+    return lines + [""] if lines else []
 
 
 def _finite(x) -> float | None:
@@ -46,7 +84,7 @@ def read_run(run: Path, root: Path) -> dict:
     if isinstance(att.get("n_heads"), int) and isinstance(att.get("kv_groups"), int):
         row.update(attention=attention_label(att["n_heads"], att["kv_groups"]), n_head=att["n_heads"],
                    kv_groups=att["kv_groups"])
-    scalars = read_scalars(run) if (run / "tb").is_dir() else {}
+    scalars, row["curves"] = read_curves(run)
     curve = scalars.get("val/loss", [])
     record_file = run / TRAIN_RECORD
     if record_file.is_file():

@@ -2,7 +2,12 @@
 
 Uptraining (arXiv 2305.13245, section 2.1): the key and value projection heads of each contiguous group are
 replaced by their mean; every other weight is copied. Query head i then reads pooled KV head i // (n_head // G),
-the same contiguous grouping SDPA's `enable_gqa` uses.
+the same contiguous grouping SDPA's `enable_gqa` uses. A group of identical heads (a GQA model exported to GPT-2
+repeats each KV head) pools to that head bit for bit.
+
+Hugging Face folders (`load_hf_gpt2`): OpenAI's GPT-2 or any `save_pretrained` GPT-2, and our own exports
+(`gpt_lightning/model/export.py`: GPT-2, or GPTBigCode with multi_query), which come back as the model they were
+made from.
 """
 
 from __future__ import annotations
@@ -28,11 +33,16 @@ def pool_kv_heads(model: GPT, kv_groups: int) -> GPT:
     C, hd = src.n_embd, src.head_dim
     per_group = src.n_kv_groups // kv_groups
 
+    def group_mean(x: torch.Tensor) -> torch.Tensor:  # (kv_groups, per_group, hd, ...) -> (kv_groups * hd, ...)
+        if torch.equal(x, x[:, :1].expand_as(x)):  # repeated heads: the mean is the head itself, without rounding
+            return x[:, 0].flatten(0, 1)
+        return x.mean(dim=1).flatten(0, 1)
+
     def pool(t: torch.Tensor) -> torch.Tensor:
         # Rows of q | k | v along dim 0; k and v are (G * hd) rows each, head-major.
         q, k, v = t.split([C, src.n_kv_groups * hd, src.n_kv_groups * hd], dim=0)
-        k = k.reshape(kv_groups, per_group, hd, *t.shape[1:]).mean(dim=1).flatten(0, 1)
-        v = v.reshape(kv_groups, per_group, hd, *t.shape[1:]).mean(dim=1).flatten(0, 1)
+        k = group_mean(k.reshape(kv_groups, per_group, hd, *t.shape[1:]))
+        v = group_mean(v.reshape(kv_groups, per_group, hd, *t.shape[1:]))
         return torch.cat([q, k, v], dim=0)
 
     state = {name: (pool(t) if ".attn.c_attn." in name else t) for name, t in model.state_dict().items()}
@@ -51,30 +61,61 @@ def _read_hf_state(path: Path) -> dict[str, torch.Tensor]:
                     f"(save_pretrained output)")
 
 
-@torch.no_grad()
-def load_hf_gpt2(path: str | Path, kv_groups: int | None = None) -> GPT:
-    """Our GPT from a Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin).
+META_KEY = "gpt_lightning"  # our shape inside an export's config.json (see gpt_lightning/model/export.py)
 
-    Exact for MHA (kv_groups None or n_head); with fewer kv_groups the KV heads are mean-pooled.
-    `transformers` is not needed: the files are read with safetensors / torch.
-    """
+
+def read_hf_config(path: str | Path) -> dict:
+    """config.json of a Hugging Face folder, or one clear error."""
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise UserError(f"init_from=hf:{path}: no config.json there; pass a Hugging Face GPT-2 folder")
     try:
         hf = json.loads((path / "config.json").read_text())
-        shape = {k: int(hf[k]) for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd")}
+        for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):
+            int(hf[k])
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path / 'config.json'} is not a GPT-2 config ({type(e).__name__}: {e}); "
                         f"pass a folder written by GPT2LMHeadModel.save_pretrained") from None
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise UserError(f"{path}: model_type={hf.get('model_type')!r}, only gpt2 checkpoints are supported")
+    return hf
+
+
+def hf_encoding(path: str | Path) -> str:
+    """The tokenizer a Hugging Face folder's ids belong to: what our export recorded, else GPT-2's."""
+    return read_hf_config(path).get(META_KEY, {}).get("encoding", "gpt2")
+
+
+@torch.no_grad()
+def load_hf_gpt2(path: str | Path, kv_groups: int | None = None) -> GPT:
+    """Our GPT from a Hugging Face folder (config.json + model.safetensors or pytorch_model.bin).
+
+    A GPT-2 folder loads as MHA, exactly. Our own exports load as the model they were made from: the KV-head
+    count, `bias` and encoding recorded in config.json["gpt_lightning"]; a GQA model's repeated KV heads collapse
+    back bit for bit; GPTBigCode (multi_query) is MQA. With `kv_groups`, the KV heads are then mean-pooled to
+    that many. `transformers` is not needed: the files are read with safetensors / torch.
+    """
+    path = Path(path).expanduser()
+    hf = read_hf_config(path)
+    shape = {k: int(hf[k]) for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd")}
+    model_type = hf.get("model_type", "gpt2")
+    if model_type not in ("gpt2", "gpt_bigcode"):
+        raise UserError(f"{path}: model_type={model_type!r}; only gpt2 and gpt_bigcode (multi_query) are supported")
+    if model_type == "gpt_bigcode" and not hf.get("multi_query", True):
+        raise UserError(f"{path}: gpt_bigcode with multi_query=false interleaves q, k, v per head; "
+                        f"only multi_query=true (MQA) is supported")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UserError(f"{path}: activation_function={hf['activation_function']!r}; ours is GELU(tanh)")
-    config = GPTConfig(vocab_size=shape["vocab_size"], block_size=shape["n_positions"], n_layer=shape["n_layer"],
-                       n_head=shape["n_head"], n_kv_groups=shape["n_head"], n_embd=shape["n_embd"])
-    model = GPT(config)
+    n_inner = hf.get("n_inner")
+    if n_inner is not None and int(n_inner) != 4 * shape["n_embd"]:
+        raise UserError(f"{path}: n_inner={n_inner}; this model's MLP is 4 * n_embd = {4 * shape['n_embd']} wide")
+    meta = hf.get(META_KEY, {})
     hf_state = {k.removeprefix("transformer."): v for k, v in _read_hf_state(path).items()}
+    # A bias=False export carries zero biases; a folder whose biases are not all zero keeps them.
+    bias = meta.get("bias", True) or any(t.any() for k, t in hf_state.items() if k.endswith(".bias"))
+    bigcode = model_type == "gpt_bigcode"
+    config = GPTConfig(vocab_size=shape["vocab_size"], block_size=shape["n_positions"], n_layer=shape["n_layer"],
+                       n_head=shape["n_head"], n_kv_groups=1 if bigcode else shape["n_head"],
+                       n_embd=shape["n_embd"], dropout=float(meta.get("dropout", 0.0)), bias=bias)
+    model = GPT(config)
     ours = model.state_dict()
     for name in ours:
         if name == "lm_head.weight":
@@ -83,13 +124,16 @@ def load_hf_gpt2(path: str | Path, kv_groups: int | None = None) -> GPT:
         if key not in hf_state:
             raise UserError(f"{path}: tensor {key!r} missing; is this a GPT-2 checkpoint?")
         t = hf_state[key]
-        if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-            t = t.t()  # HF GPT-2 stores Conv1D weights as (in, out); nn.Linear wants (out, in)
+        if not bigcode and key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            t = t.t()  # HF GPT-2 stores Conv1D weights as (in, out); nn.Linear (and GPTBigCode) want (out, in)
         if key == "wte.weight":  # pad the vocabulary rows to a multiple of 64
             t = torch.cat([t, t.new_zeros(ours[name].size(0) - t.size(0), t.size(1))])
         if t.shape != ours[name].shape:
             raise UserError(f"{path}: {key} has shape {tuple(t.shape)}, expected {tuple(ours[name].shape)}")
         ours[name].copy_(t)
-    if kv_groups is not None and kv_groups != config.n_head:
+    recorded = meta.get("n_kv_groups")  # our GQA export to GPT-2: back to its own KV heads (repeats: exact)
+    if recorded and not bigcode and recorded != config.n_kv_groups:
+        model = pool_kv_heads(model, int(recorded))
+    if kv_groups is not None and kv_groups != model.config.n_kv_groups:
         model = pool_kv_heads(model, kv_groups)
     return model

@@ -1,4 +1,5 @@
-"""Our own Lightning checkpoints: the GPT inside one, rebuilt from its saved hyperparameters alone; `init_from` weights."""
+"""Our own Lightning checkpoints: the GPT inside one, rebuilt from its saved hyperparameters alone; `init_from` weights
+(a checkpoint, or `hf:FOLDER`: a Hugging Face GPT-2 or one of our exports, which comes back exactly)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.model import GPT, GPTConfig
-from gpt_lightning.model.convert import load_hf_gpt2, pool_kv_heads
+from gpt_lightning.model.convert import hf_encoding, load_hf_gpt2, pool_kv_heads
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -46,10 +47,10 @@ def init_state_from(init_from: str, target: GPTConfig, encoding: str) -> dict[st
     path = Path(init_from[3:] if hf else init_from).expanduser()
     if not path.exists():
         raise UserError(f"init_from={init_from}: {path} does not exist; pass a .ckpt file or hf:FOLDER")
-    if hf:
-        if encoding != "gpt2":
-            raise UserError(f"init_from={init_from} needs the GPT-2 tokenizer: set data.encoding=gpt2 "
-                            f"(got {encoding!r})")
+    if hf:  # OpenAI's GPT-2 needs the gpt2 tokenizer; our exports record the encoding they were trained with
+        if hf_encoding(path) != encoding:
+            raise UserError(f"init_from={init_from} needs the {hf_encoding(path)} tokenizer: set "
+                            f"data.encoding={hf_encoding(path)} (got {encoding!r})")
         source = load_hf_gpt2(path)
     else:
         source, _ = load_gpt(path)

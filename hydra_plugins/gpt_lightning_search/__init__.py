@@ -1,0 +1,1 @@
+"""gpt_lightning's Hydra plugins (Hydra only instantiates plugins from the `hydra_plugins` namespace package)."""
