@@ -1,0 +1,1 @@
+"""Reading finished runs and turning them into evidence: arms, statistics, report sentences."""
