@@ -3,6 +3,6 @@
 The code lives in the model layer (`gpt_lightning/model/convert.py`, pure torch + safetensors).
 """
 
-from gpt_lightning.model.convert import load_hf_gpt2, pool_kv_heads
+from gpt_lightning.model.convert import POOL_METHODS, load_hf_gpt2, pool_kv_heads
 
-__all__ = ["load_hf_gpt2", "pool_kv_heads"]
+__all__ = ["POOL_METHODS", "load_hf_gpt2", "pool_kv_heads"]
