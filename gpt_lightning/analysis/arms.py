@@ -89,6 +89,32 @@ def _display(value, root: Path):
     return value
 
 
+def _short_paths(paths: set[str]) -> dict[str, str]:
+    """Absolute paths outside the folder as their shortest tails (3 parts or more) that still tell them apart."""
+    for k in range(3, 1 + max((len(Path(p).parts) for p in paths), default=0)):
+        short = {p: "…/" + "/".join(Path(p).parts[-k:]) if len(Path(p).parts) > k else p for p in paths}
+        if len(set(short.values())) == len(paths):
+            return short
+    return {p: p for p in paths}
+
+
+def _arm_config(config: dict, root: Path, short: dict[str, str]) -> dict:
+    """What decides a run's arm, as labels show it: paths under the folder made relative, init_from checkpoints
+    elsewhere shortened (one-to-one); `uptrain.parent` dropped (whether the parent was trained in the sweep or
+    given, the arm trains from it); `uptrain.method` blanked where nothing is converted (no init_from, no study),
+    so an MHA parent does not read as "method=mean"."""
+    config = _display(config, root)
+    if config.get("init_from") in short:
+        config = {**config, "init_from": short[config["init_from"]]}
+    uptrain = config.get("uptrain")
+    if isinstance(uptrain, dict):
+        uptrain = {k: v for k, v in uptrain.items() if k != "parent"}
+        if uptrain.get("alpha") is None and not config.get("init_from"):
+            uptrain["method"] = None
+        config = {**config, "uptrain": uptrain}
+    return config
+
+
 def _fallback_config(row: dict) -> dict:
     """Runs without `.hydra/config.yaml` (copied records): grouped by the model shape their record states."""
     return {"record": {k: row.get(k) for k in ("n_layer", "n_embd", "n_head", "kv_groups", "mlp_hidden")}}
@@ -97,7 +123,11 @@ def _fallback_config(row: dict) -> dict:
 def group(rows: list[dict], root: Path) -> list[Arm]:
     """Arms in label order (kv_groups numerically), each with its runs in input order."""
     by_name = {r["run"]: r for r in rows}
-    configs = [(r["run"], _display(r["config"], root) if r.get("config") else _fallback_config(r)) for r in rows]
+    elsewhere = {c["init_from"] for r in rows if (c := r.get("config")) and isinstance(c.get("init_from"), str)
+                 and c["init_from"].startswith("/") and not c["init_from"].startswith(f"{root}/")}
+    short = _short_paths(elsewhere)
+    configs = [(r["run"], _arm_config(r["config"], root, short) if r.get("config") else _fallback_config(r))
+               for r in rows]
     return [Arm(label, [by_name[n] for n in names]) for label, names in group_into_arms(configs).items()]
 
 

@@ -128,17 +128,17 @@ def plot(arms: list[Arm], baseline: Arm, metric: Metric, out: Path) -> list[str]
                 title="Validation loss: mean ± std over seeds per arm"),
         _figure(out, "quality_vs_kv_cache.png", lambda ax: quality_vs_kv_cache(ax, arms, metric), log2_x=True,
                 xlabel="KV-cache bytes per token (fp32)", ylabel=quality,
-                title=f"Quality against KV-cache size ({CI_NOTE})"),
+                title=f"Quality against KV-cache size\n({CI_NOTE})"),
         _figure(out, "decode_vs_kv_groups.png", lambda ax: decode_vs_kv_groups(ax, arms), log2_x=True,
                 xlabel="kv_groups (KV heads)", ylabel="decode tokens/s (batch 1, KV cache)",
-                title=f"Decode speed ({CI_NOTE})"),
+                title=f"Decode speed\n({CI_NOTE})"),
     ]
     if _methods(arms):
         names += [
             _figure(out, "uptrain_alpha.png", lambda ax: quality_vs_alpha(ax, arms, baseline, metric),
                     xlabel="uptraining fraction α of the parent's steps", ylabel=quality,
-                    title=f"Conversion study: quality against α per method ({CI_NOTE})"),
+                    title=f"Conversion study: quality against α per method\n({CI_NOTE})"),
             _figure(out, "uptrain_methods.png", lambda ax: methods_by_alpha(ax, arms, metric), ylabel=quality,
-                    title=f"Conversion methods side by side ({CI_NOTE})"),
+                    title=f"Conversion methods side by side\n({CI_NOTE})"),
         ]
     return names

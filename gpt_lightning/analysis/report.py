@@ -208,8 +208,9 @@ def report_md(c: Comparison) -> str:
     for arm in others:
         lines.append(f"- {finding(m.name, arm.name, c.baseline.name, arm.diffs[m.key], m.unit, _extra(arm, c.baseline))}")
         for other in METRICS:
-            if other.key != m.key and arm.diffs[other.key].diff is not None:
-                lines.append(f"  - {finding(other.name, arm.name, c.baseline.name, arm.diffs[other.key], other.unit)}")
+            if other.key != m.key and arm.diffs[other.key].diff is not None:  # the arm and baseline said above
+                text = finding(other.name, arm.name, c.baseline.name, arm.diffs[other.key], other.unit)
+                lines.append(f"  - {text.removeprefix(f'{arm.name}: ').replace(f' vs {c.baseline.name}', '', 1)}")
     if others:
         lines += ["", "## What it would take", "",
                   f"Seeds per arm for a two-sided Welch test (α = {ALPHA:g}) to detect, with {POWER:.0%} power, a true "

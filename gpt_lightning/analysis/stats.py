@@ -31,7 +31,8 @@ DEFAULT_IGNORED = (
 )
 
 # Report labels: long dotted names that read better short. Any other key is shown as its dotted name.
-SHORT_NAMES = {"attention.kv_groups": "kv_groups", "attention.n_heads": "n_heads", "attention.type": "attention"}
+SHORT_NAMES = {"attention.kv_groups": "kv_groups", "attention.n_heads": "n_heads", "attention.type": "attention",
+               "uptrain.method": "method", "uptrain.alpha": "alpha"}
 
 RUNS_NEEDED_CAP = 10_000
 
