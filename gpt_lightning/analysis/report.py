@@ -151,7 +151,7 @@ def comparison_md(c: Comparison) -> str:
                   *_table(header, body), ""]
     header = ["run", "arm", "seed", "status", "attention", "kv_groups", "parameters", "test bpb", "best val loss",
               "test loss", "test ppl", "train tokens/s", "decode tokens/s", "KV bytes/token", "steps"]
-    body = [[r["run"], r["arm"], _fmt(r.get("seed")), _fmt(r.get("status")), _fmt(r.get("attention")),
+    body = [[r["run"], r["arm"], "" if r.get("seed") is None else str(r["seed"]), _fmt(r.get("status")), _fmt(r.get("attention")),
              _fmt(r.get("kv_groups")), _parameters_cell(r), *(_fmt(r.get(k)) for k in (
                  "test_bpb", "best_val_loss", "test_loss", "test_ppl", "train_tokens_per_sec",
                  "decode_tokens_per_sec", "kv_cache_bytes_per_token", "steps"))] for r in run_rows(c)]
