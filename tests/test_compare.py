@@ -232,3 +232,12 @@ def test_a_conversion_study_draws_quality_against_alpha_with_the_parent_as_basel
     first = "kv_groups=2, init_from=…/mha_parent/checkpoints/last.ckpt, alpha=0.05, method=first"
     assert len(arms) == 13 and arms[first]["uptrain_method"] == "first" and arms[first]["uptrain_alpha"] == "0.05"
     assert "![uptrain_alpha.png](uptrain_alpha.png)" in (root / "report.md").read_text()
+
+
+def test_a_single_arm_is_described_without_a_baseline_to_beat(tmp_path):
+    root = tmp_path / "one"
+    make_run(root, "0_kv2_s1", 2, 1, 2.0)
+    make_run(root, "1_kv2_s2", 2, 2, 2.1)
+    c = compare(root)
+    assert c.baseline.label == "all runs" and c.baseline.n == 2
+    assert "Only one arm" in (root / "report.md").read_text()

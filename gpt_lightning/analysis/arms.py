@@ -144,6 +144,8 @@ def pick_baseline(arms: list[Arm], wanted: str | None, root: Path) -> tuple[Arm,
             raise UserError(f"--baseline {wanted!r} names no arm of the runs in {root}; the arms are: "
                             f"{_listing(arms)}")
         return matches[0], f"chosen with --baseline"
+    if len(arms) == 1:  # nothing to set against each other: the tables and plots still describe it
+        return arms[0], "the only arm"
     mha = [a for a in arms if a.is_mha]
     if not mha:
         raise UserError(f"no MHA arm (kv_groups = n_heads), the default baseline, among the runs in {root}; arms "

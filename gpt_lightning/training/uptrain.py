@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import math
+import os
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 SCRATCH = "scratch"
 STUDY_METHODS = (*POOL_METHODS, SCRATCH)
 PARENT_DIR = "parent"
+# The parent's checkpoint, for the other ranks of a DDP job: Lightning starts them as single runs (hydra.mode=RUN)
+# whose own directory holds no parent; they inherit the environment of rank 0, which resolved it.
+PARENT_ENV = "GPT_LIGHTNING_UPTRAIN_PARENT"
 # Overrides of a study job that the parent must not take: it is the MHA model every arm starts from.
 NOT_FOR_THE_PARENT = ("uptrain.", "init_from", "attention.kv_groups", "seed", "ckpt_path")
 
@@ -140,6 +144,8 @@ def parent_command(task_overrides: list[str], parent_dir: Path) -> list[str]:
 
 def train_parent(home: Path, task_overrides: list[str], launch_dir: Path) -> str:
     """The parent's last.ckpt, trained first (once per `home`: the sweep directory) when it is not there yet."""
+    if os.environ.get(PARENT_ENV):  # a DDP rank started by rank 0, or a later job of the same sweep process
+        return os.environ[PARENT_ENV]
     parent_dir = home / PARENT_DIR
     ckpt = parent_dir / "checkpoints" / "last.ckpt"
     with _locked(home / ".parent.lock"):
@@ -152,4 +158,5 @@ def train_parent(home: Path, task_overrides: list[str], launch_dir: Path) -> str
                                 f"fix that and rerun the study (a finished parent is reused)")
         else:
             log.info("using the MHA parent trained earlier in this sweep: %s", ckpt)
+    os.environ[PARENT_ENV] = str(ckpt)
     return str(ckpt)
