@@ -133,7 +133,7 @@ def train(cfg: DictConfig) -> dict:
         trainer.validate(module, datamodule=datamodule)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         best, best_val, fit_logged = "", metrics.get("val/loss"), {}
-        if checkpoint is not None and trainer.is_global_zero:  # so evaluate/generate/init_from work on it
+        if checkpoint is not None:  # so evaluate/generate/init_from work on it (every rank calls; rank 0 writes)
             trainer.save_checkpoint(Path(checkpoint.dirpath) / "last.ckpt")
     else:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
