@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpt_lightning.model.convert import hf_encoding, load_hf_gpt2, pool_kv_heads
+from gpt_lightning.model.convert import POOL_METHODS, hf_encoding, load_hf_gpt2, pool_kv_heads
 from gpt_lightning.model.export import hf_config, hf_files, hf_state_dict, resolve_architecture, write_folder
 from gpt_lightning.model.gpt import GPT
 
-__all__ = ["export_hf", "hf_config", "hf_encoding", "hf_files", "hf_state_dict", "load_hf_gpt2", "pool_kv_heads",
+__all__ = ["POOL_METHODS", "export_hf", "hf_config", "hf_encoding", "hf_files", "hf_state_dict", "load_hf_gpt2", "pool_kv_heads",
            "resolve_architecture"]
 
 

@@ -80,8 +80,34 @@ def sweep_subdir(*overrides) -> str:
 
 @pytest.mark.parametrize("kv, label", [(1, "mqa"), (2, "gqa"), (4, "gqa"), (8, "mha")])
 def test_sweep_folders_are_named_by_the_counts_not_the_preset(kv, label):
-    subdir = sweep_subdir("attention=gqa", f"attention.kv_groups={kv}", "hydra.job.num=0")
-    assert subdir == f"0_{label}_h8_kv{kv}"
+    subdir = sweep_subdir("attention=gqa", f"attention.kv_groups={kv}", "hydra.job.num=0", "seed=3")
+    assert subdir == f"0_{label}_h8_kv{kv}_s3"
+
+
+def test_kv_sweep_matched_is_kv_sweep_with_parameter_matched_arms():
+    from omegaconf import OmegaConf
+
+    matched, plain = cfg("experiment=kv_sweep_matched"), cfg("experiment=kv_sweep")
+    assert matched.model.match_params is True and plain.model.match_params is False
+    for group in ("attention", "trainer", "optim", "data"):
+        assert OmegaConf.to_container(matched[group]) == OmegaConf.to_container(plain[group]), group
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        sweep = compose("config", overrides=["experiment=kv_sweep_matched"], return_hydra_config=True)
+    assert dict(sweep.hydra.sweeper.params) == {"attention.kv_groups": "1,2,4,8"}
+
+
+def test_uptrain_study_sweeps_every_method_and_alpha_into_named_folders():
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        study = compose("config", overrides=["experiment=uptrain_study", "hydra.job.num=4", "uptrain.method=first",
+                                             "uptrain.alpha=0.05"], return_hydra_config=True)
+        parent = compose("config", overrides=["experiment=uptrain_study_with_parent"], return_hydra_config=True)
+    assert dict(study.hydra.sweeper.params) == {"uptrain.method": "mean,first,random,scratch",
+                                                "uptrain.alpha": "0,0.05,0.1"}
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.to_container(study.hydra.sweep, resolve=True)["subdir"] == "4_first_a0.05_gqa_kv2_s1337"
+    assert study.uptrain.optim.lr < study.optim.lr  # converted models continue at a small rate
+    assert (parent.uptrain.parent, parent.init_from) == ("train", None)
 
 
 @pytest.mark.slow

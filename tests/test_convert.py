@@ -38,6 +38,55 @@ def test_pooled_heads_are_the_mean_of_each_contiguous_group():
     torch.testing.assert_close(pooled.transformer.h[0].mlp.c_fc.weight, model.transformer.h[0].mlp.c_fc.weight)
 
 
+def hand_model() -> GPT:
+    """One layer, 4 heads of 2 dims: K/V head h's weight rows are filled with 10 * h + row (+ 100 for V), biases
+    likewise, so every pooled row can be computed by hand."""
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=4, n_kv_groups=4, n_embd=8)).eval()
+    attn = model.transformer.h[0].attn
+    with torch.no_grad():
+        for h in range(4):
+            for r in range(2):
+                attn.c_attn.weight[8 + 2 * h + r] = 10 * h + r        # K rows
+                attn.c_attn.weight[16 + 2 * h + r] = 100 + 10 * h + r  # V rows
+                attn.c_attn.bias[8 + 2 * h + r] = -(10 * h + r)
+    return model
+
+
+def test_mean_keeps_each_groups_average_by_hand():
+    w = pool_kv_heads(hand_model(), 2, method="mean").transformer.h[0].attn.c_attn
+    # group 0 = heads 0, 1: K rows (0 + 10) / 2 = 5 and (1 + 11) / 2 = 6; group 1 = heads 2, 3: 25, 26
+    assert w.weight[8:12, 0].tolist() == [5, 6, 25, 26] and w.weight[12:16, 0].tolist() == [105, 106, 125, 126]
+    assert w.bias[8:12].tolist() == [-5, -6, -25, -26]
+
+
+def test_first_keeps_each_groups_first_head_by_hand():
+    model = hand_model()
+    w = pool_kv_heads(model, 2, method="first").transformer.h[0].attn.c_attn
+    assert w.weight[8:12, 0].tolist() == [0, 1, 20, 21] and w.weight[12:16, 0].tolist() == [100, 101, 120, 121]
+    assert w.bias[8:12].tolist() == [0, -1, -20, -21]
+    torch.testing.assert_close(w.weight[:8], model.transformer.h[0].attn.c_attn.weight[:8])  # queries copied
+
+
+def test_random_initialises_fresh_kv_projections_and_copies_the_rest():
+    model = hand_model()
+    torch.manual_seed(3)
+    pooled = pool_kv_heads(model, 2, method="random")
+    w = pooled.transformer.h[0].attn.c_attn
+    kv = w.weight[8:16]
+    assert kv.abs().max() < 0.2 and 0.01 < kv.std() < 0.03  # GPT-2's N(0, 0.02), nothing of the parent's
+    assert w.bias[8:16].abs().max() == 0
+    torch.testing.assert_close(w.weight[:8], model.transformer.h[0].attn.c_attn.weight[:8])
+    torch.testing.assert_close(pooled.transformer.h[0].mlp.c_fc.weight, model.transformer.h[0].mlp.c_fc.weight)
+    torch.manual_seed(3)
+    torch.testing.assert_close(pool_kv_heads(model, 2, method="random").transformer.h[0].attn.c_attn.weight, w.weight)
+
+
+def test_an_unknown_method_is_refused_before_any_work():
+    with pytest.raises(UserError, match=r"method='median' is not a KV-head conversion method; use one of mean, "
+                                        r"first, random"):
+        pool_kv_heads(mha(), 3, method="median")  # 3 is no divisor either: the method is checked first
+
+
 def test_pooling_to_one_group_gives_mqa():
     pooled = pool_kv_heads(mha(), 1)
     assert pooled.config.n_kv_groups == 1 and pooled.new_cache(1).k[0].shape[1] == 1

@@ -90,7 +90,7 @@ def sweep(corpus, tmp_path_factory):
 
 def test_multirun_sweeps_kv_groups_into_separate_directories(sweep):
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [j.name for j in jobs] == ["0_mqa_h4_kv1", "1_gqa_h4_kv2"]  # the label comes from the counts
+    assert [j.name for j in jobs] == ["0_mqa_h4_kv1_s1337", "1_gqa_h4_kv2_s1337"]  # the label comes from the counts
     for job, kv, label in zip(jobs, (1, 2), ("mqa", "gqa")):
         ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert ckpt["hyper_parameters"]["model"]["n_kv_groups"] == kv
@@ -137,9 +137,9 @@ def test_compare_reports_the_sweep_and_lists_a_crashed_run(sweep, tmp_path):
     shutil.copytree(sweep, runs)
     crashed = runs / "2_crashed" / ".hydra"
     crashed.mkdir(parents=True)
-    shutil.copy(sweep / "0_mqa_h4_kv1" / ".hydra" / "config.yaml", crashed)
+    shutil.copy(sweep / "0_mqa_h4_kv1_s1337" / ".hydra" / "config.yaml", crashed)
     killed = runs / "3_killed_mha"  # checkpoints and events but no summary; its config as Hydra saves mha's
-    shutil.copytree(sweep / "1_gqa_h4_kv2", killed)
+    shutil.copytree(sweep / "1_gqa_h4_kv2_s1337", killed)
     (killed / "summary.json").unlink()
     config = (killed / ".hydra" / "config.yaml").read_text()
     (killed / ".hydra" / "config.yaml").write_text(
@@ -147,10 +147,10 @@ def test_compare_reports_the_sweep_and_lists_a_crashed_run(sweep, tmp_path):
     result = subprocess.run([sys.executable, "-m", "gpt_lightning.compare", str(runs)], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    with open(runs / "comparison.csv") as f:
+    with open(runs / "runs.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["run"], r["status"], r["kv_groups"]) for r in rows] == [
-        ("0_mqa_h4_kv1", "complete", "1"), ("1_gqa_h4_kv2", "complete", "2"),
+        ("0_mqa_h4_kv1_s1337", "complete", "1"), ("1_gqa_h4_kv2_s1337", "complete", "2"),
         ("2_crashed", "crashed (no checkpoint)", "1"),
         ("3_killed_mha", "incomplete (no summary; last checkpoint kept)", "4")]
     assert [r["attention"] for r in rows] == ["mqa", "gqa", "mqa", "mha"]
@@ -158,9 +158,84 @@ def test_compare_reports_the_sweep_and_lists_a_crashed_run(sweep, tmp_path):
     assert int(rows[1]["kv_cache_bytes_per_token"]) == 2 * int(rows[0]["kv_cache_bytes_per_token"])
     assert float(rows[0]["best_val_loss"]) > 0 and float(rows[0]["decode_tokens_per_sec"]) > 0
     assert float(rows[0]["test_ppl"]) > 1 and int(rows[0]["parameters"]) > 0
-    for name in ("comparison.md", "val_loss.png", "quality_vs_kv_cache.png", "decode_vs_kv_groups.png"):
+    for name in ("comparison.md", "report.md", "val_loss.png", "quality_vs_kv_cache.png", "decode_vs_kv_groups.png"):
         assert (runs / name).stat().st_size > 0
-    assert "| 2_crashed | crashed (no checkpoint) |" in (runs / "comparison.md").read_text()
+    crashed_row = next(line for line in (runs / "comparison.md").read_text().splitlines() if line.startswith("| 2_crashed"))
+    assert "| 1337 | crashed (no checkpoint) |" in crashed_row
+    with open(runs / "comparison.csv") as f:
+        arms = list(csv.DictReader(f))
+    # the crashed run joins its arm (same config) without counting; the killed MHA arm is the baseline, n = 0
+    assert [(a["kv_groups"], a["runs"], a["n"], a["baseline"]) for a in arms] == [
+        ("1", "2", "1", "False"), ("2", "1", "1", "False"), ("4", "1", "0", "True")]
+    assert "Not counted (unfinished)" in (runs / "report.md").read_text()
+
+
+def test_seeds_repeat_each_arm_and_compare_groups_them(corpus, tmp_path):
+    result = train(corpus, tmp_path, "attention=gqa", "attention.kv_groups=1,4", "seed=1,2", "trainer.max_steps=4",
+                   "trainer.val_check_interval=2", "hydra.sweep.dir=sweep", multirun=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [
+        "0_mqa_h4_kv1_s1", "1_mqa_h4_kv1_s2", "2_mha_h4_kv4_s1", "3_mha_h4_kv4_s2"]
+    losses = [RunRecord.load(sweep / job / "summary.json").test_loss for job in ("0_mqa_h4_kv1_s1", "1_mqa_h4_kv1_s2")]
+    assert losses[0] != losses[1]  # another seed, another model
+    result = subprocess.run([sys.executable, "-m", "gpt_lightning.compare", str(sweep)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    with open(sweep / "comparison.csv") as f:
+        arms = {a["arm"]: a for a in csv.DictReader(f)}
+    assert [(a, arms[a]["n"], arms[a]["baseline"]) for a in arms] == [("kv_groups=1", "2", "False"),
+                                                                      ("kv_groups=4", "2", "True")]
+    assert float(arms["kv_groups=1"]["best_val_loss_std"]) > 0 and arms["kv_groups=1"]["best_val_loss_p_value"] != ""
+    assert "- kv_groups=1 (MQA): " in (sweep / "report.md").read_text()
+
+
+def test_a_parameter_matched_model_trains_resumes_and_evaluates(corpus, tmp_path):
+    result = train(corpus, tmp_path, "hydra.run.dir=matched", "attention=mqa", "model.match_params=true",
+                   "trainer.max_steps=4", "trainer.val_check_interval=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = RunRecord.load(tmp_path / "matched" / "summary.json")
+    assert record.mlp_hidden == 304 and record.kv_groups == 1  # 4 * 64 widened by ~3 heads x 16 dims
+    result = train(corpus, tmp_path, "hydra.run.dir=matched", "attention=mqa", "model.match_params=true",
+                   "ckpt_path=last", "trainer.max_steps=6", "trainer.val_check_interval=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert global_step(tmp_path / "matched" / "checkpoints" / "last.ckpt") == 6
+    ckpt = tmp_path / "matched" / "checkpoints" / "last.ckpt"
+    result = subprocess.run([sys.executable, "-m", "gpt_lightning.evaluate", f"ckpt_path={ckpt}", "decode.repeats=1",
+                             "decode.new_tokens=8", "decode.batch_sizes=[1]", "device=cpu"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = RunRecord.load(ckpt.with_suffix(".eval.json"))
+    assert (evaluated.mlp_hidden, evaluated.parameters) == (304, record.parameters)
+
+
+def test_the_conversion_study_trains_its_parent_once_then_every_arm(corpus, tmp_path):
+    # the study preset replaces debug's keys (the later experiment wins): shrink it the same way, one grid corner
+    result = train(corpus, tmp_path, "experiment=uptrain_study_with_parent", "model.n_heads=4", "model.n_layer=2",
+                   "model.n_embd=64", "model.block_size=64", "data.encoding=bytes", "data.batch_size=8",
+                   "trainer.max_steps=10", "trainer.val_check_interval=5", "trainer.limit_val_batches=4",
+                   "trainer.limit_test_batches=4", "optim.warmup_steps=2", "callbacks.generation.max_new_tokens=8",
+                   "callbacks.throughput.window_size=2", "uptrain.method=first,scratch", "uptrain.alpha=0,0.5",
+                   "hydra.sweep.dir=study")
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = tmp_path / "study"
+    assert (result.stdout + result.stderr).count("training the MHA parent first") == 1
+    parent = RunRecord.load(study / "parent" / "summary.json")
+    assert (parent.attention, parent.global_step) == ("mha", 10)
+    steps = {job.name.split("_", 1)[1]: RunRecord.load(job / "summary.json") for job in study.glob("[0-9]*")}
+    assert {name: r.global_step for name, r in steps.items()} == {
+        "first_a0_gqa_kv2_s1337": 0, "first_a0.5_gqa_kv2_s1337": 5,  # alpha x the parent's 10 steps
+        "scratch_a0_gqa_kv2_s1337": 10, "scratch_a0.5_gqa_kv2_s1337": 15}  # the parent's steps + alpha x steps
+    converted = steps["first_a0_gqa_kv2_s1337"]  # evaluated right after conversion, and saved for evaluate
+    assert converted.details["uptrain"]["method"] == "first" and converted.test_loss > 0
+    assert (study / "0_first_a0_gqa_kv2_s1337" / "checkpoints" / "last.ckpt").is_file()
+    assert converted.test_loss < steps["scratch_a0_gqa_kv2_s1337"].test_loss + 1  # sanity: it kept the parent's weights
+    result = subprocess.run([sys.executable, "-m", "gpt_lightning.compare", str(study)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = (study / "report.md").read_text()
+    assert "(MHA)** (the MHA arm" in report and "![uptrain_alpha.png](uptrain_alpha.png)" in report
+    assert (study / "uptrain_alpha.png").stat().st_size > 0
 
 
 def test_compare_refuses_a_folder_without_runs(tmp_path):
@@ -174,6 +249,9 @@ def test_compare_refuses_a_folder_without_runs(tmp_path):
     (["attention.kv_groups=3"], "error: attention.kv_groups=3 does not divide attention.n_heads=4"),
     (["ckpt_path=nowhere.ckpt"], "error: ckpt_path=nowhere.ckpt: no such file"),
     (["init_from=nowhere.ckpt"], "error: init_from=nowhere.ckpt:"),
+    (["init_from=nowhere.ckpt", "uptrain.method=median"], "error: uptrain.method='median' is not a KV-head "
+                                                          "conversion method; use one of mean, first, random"),
+    (["experiment=uptrain_study", "hydra.mode=RUN"], "error: uptrain.alpha=0.05 needs a parent: set init_from="),
 ])
 def test_bad_input_is_one_clear_line(corpus, tmp_path, overrides, message):
     result = train(corpus, tmp_path, "hydra.run.dir=bad", *overrides)

@@ -1,21 +1,55 @@
-"""The comparison report of a folder of runs: `comparison.md`, `comparison.csv` and the plots."""
+"""The comparison of a folder of runs: `comparison.md` (arms, then runs), `comparison.csv` (arms), `runs.csv`
+(runs), `report.md` (one finding per arm against the baseline, what more seeds would resolve) and the plots.
+
+Everything is computed, and every bad input refused, before the first file is written.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
-from gpt_lightning.analysis.runs import curve_source_notes, find_runs, read_run
+from gpt_lightning.analysis import plots
+from gpt_lightning.analysis.arms import (METRICS, Arm, Metric, complete, group, headline, kv_cache_share, measure,
+                                         parameter_share, pick_baseline)
+from gpt_lightning.analysis.runs import curve_source_notes, find_runs, parents_of, read_run
 from gpt_lightning.analysis.search import search_section
+from gpt_lightning.analysis.stats import Difference, Summary, finding, runs_needed
 from gpt_lightning.common.errors import UserError
+from gpt_lightning.common.files import atomic_write_text
 
-COLUMNS = ["run", "status", "attention", "n_head", "kv_groups", "parameters", "best_val_loss", "val_ppl",
-           "test_ppl", "train_tokens_per_sec", "decode_tokens_per_sec", "kv_cache_bytes_per_token", "steps"]
+RUN_COLUMNS = ["run", "arm", "seed", "status", "attention", "n_head", "kv_groups", "parameters", "mlp_hidden",
+               "test_bpb", "best_val_loss", "val_ppl", "test_loss", "test_ppl", "train_tokens_per_sec",
+               "decode_tokens_per_sec", "kv_cache_bytes_per_token", "steps", "uptrain_method", "uptrain_alpha"]
+ARM_SHAPE_COLUMNS = ["arm", "baseline", "runs", "n", "attention", "n_head", "kv_groups", "parameters", "mlp_hidden",
+                     "kv_cache_bytes_per_token", "uptrain_method", "uptrain_alpha"]
+STAT_COLUMNS = ["n", "mean", "std", "ci_low", "ci_high", "diff", "diff_ci_low", "diff_ci_high", "p_value"]
+POWER, ALPHA = 0.8, 0.05
 
+
+@dataclass
+class Comparison:
+    root: Path
+    out: Path
+    rows: list[dict]
+    arms: list[Arm]
+    baseline: Arm
+    baseline_note: str
+    metric: Metric           # the headline quality metric
+    parents: list[str]       # parent runs read from outside the folder (conversion study)
+    images: list[str]
+
+
+# ------------------------------------------------------------------------------------------------ formatting
 
 def _fmt(v) -> str:
+    """A table cell; a missing figure is an empty cell, never 0."""
     if v is None:
-        return "—"
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else ""
     if isinstance(v, float):
         return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.4f}"
     if isinstance(v, int):
@@ -23,73 +57,198 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def plot(rows: list[dict], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def figure(name: str, draw, log2_x: bool = False, **labels) -> str:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        draw(ax)
-        ax.set(**labels)
-        if log2_x:
-            ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        return name
-
-    def curves(ax):
-        for r in rows:
-            if r["val_curve"]:
-                steps, values = zip(*r["val_curve"])
-                ax.plot(steps, values, marker=".", label=f"{r['run']} ({r['attention']}, G={r['kv_groups']})")
-        ax.legend(fontsize=7)
-
-    def quality(ax):
-        for r in rows:
-            if r.get("kv_cache_bytes_per_token") and r.get("best_val_loss") is not None:
-                point = (r["kv_cache_bytes_per_token"], r["best_val_loss"])
-                ax.scatter(*point)
-                ax.annotate(f"G={r['kv_groups']}", point, fontsize=8, xytext=(4, 4), textcoords="offset points")
-
-    def speed(ax):
-        timed = sorted((r for r in rows if r.get("decode_tokens_per_sec")), key=lambda r: r["kv_groups"])
-        ax.plot([r["kv_groups"] for r in timed], [r["decode_tokens_per_sec"] for r in timed], marker="o")
-
-    return [
-        figure("val_loss.png", curves, xlabel="step", ylabel="val/loss", title="Validation loss"),
-        figure("quality_vs_kv_cache.png", quality, log2_x=True, xlabel="KV-cache bytes per token (fp32)",
-               ylabel="best val/loss", title="Quality against KV-cache size"),
-        figure("decode_vs_kv_groups.png", speed, log2_x=True, xlabel="kv_groups (KV heads)",
-               ylabel="decode tokens/s (batch 1, KV cache)", title="Decode speed"),
-    ]
+def _signed(v: float) -> str:
+    return f"{v:+,.1f}" if abs(v) >= 100 else f"{v:+.4f}"
 
 
-def compare(root: Path, out: Path | None = None) -> list[dict]:
+def _cell(s: Summary) -> str:
+    """mean ± 95% CI half-width (sd), or the single value at n = 1, or empty with no value."""
+    if s.mean is None:
+        return ""
+    if s.half_width is None:
+        return _fmt(s.mean)
+    return f"{_fmt(s.mean)} ± {_fmt(s.half_width)} (sd {_fmt(s.std)})"
+
+
+def _diff_cell(d: Difference) -> str:
+    if d.diff is None:
+        return ""
+    if d.ci_low is None:
+        return f"{_signed(d.diff)} (no interval)"
+    p = "p < 0.001" if d.p_value < 0.001 else f"p = {d.p_value:.2g}"
+    return f"{_signed(d.diff)} [{_signed(d.ci_low)}, {_signed(d.ci_high)}], {p}"
+
+
+def _parameters_cell(arm_or_row) -> str:
+    """Parameters, with the MLP width when model.match_params widened it."""
+    get = arm_or_row.shape if isinstance(arm_or_row, Arm) else arm_or_row.get
+    params, mlp, embd = get("parameters"), get("mlp_hidden"), get("n_embd")
+    if params is None:
+        return ""
+    return f"{params:,} (MLP {mlp:,})" if mlp and embd and mlp != 4 * embd else f"{params:,}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows)]
+
+
+def _csv(columns: list[str], rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if r.get(k) is None else r[k]) for k in columns} for r in rows)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+def arm_csv_rows(c: Comparison) -> list[dict]:
+    out = []
+    for arm in c.arms:
+        row = {k: arm.shape(k) for k in ARM_SHAPE_COLUMNS[4:]}
+        row.update(arm=arm.label, baseline=arm.is_baseline, runs=len(arm.rows), n=arm.n)
+        for m in METRICS:
+            s, d = arm.summaries[m.key], arm.diffs.get(m.key)
+            row.update({f"{m.key}_n": s.n, f"{m.key}_mean": s.mean, f"{m.key}_std": s.std,
+                        f"{m.key}_ci_low": s.ci_low, f"{m.key}_ci_high": s.ci_high})
+            if d is not None:
+                row.update({f"{m.key}_diff": d.diff, f"{m.key}_diff_ci_low": d.ci_low,
+                            f"{m.key}_diff_ci_high": d.ci_high, f"{m.key}_p_value": d.p_value})
+        out.append(row)
+    return out
+
+
+def arm_csv_columns() -> list[str]:
+    return ARM_SHAPE_COLUMNS + [f"{m.key}_{s}" for m in METRICS for s in STAT_COLUMNS]
+
+
+def run_rows(c: Comparison) -> list[dict]:
+    arm_of = {r["run"]: a.label for a in c.arms for r in a.rows}
+    return [{**r, "arm": arm_of[r["run"]]} for r in c.rows]
+
+
+def comparison_md(c: Comparison) -> str:
+    lines = [f"# Comparison of {len(c.rows)} runs in {len(c.arms)} arms in `{c.root}`", "",
+             f"Baseline: **{c.baseline.name}**, {c.baseline_note}. Each figure is the mean over an arm's finished "
+             f"runs (seeds) ± the half-width of its 95% confidence interval, with the sample std (sd); an arm of one "
+             f"run shows its single value and has no interval (n = 1). Headline quality: {c.metric.name}.", ""]
+    if c.parents:
+        lines += [f"Parent run(s) read from the study arms' `init_from`: {', '.join(f'`{p}`' for p in c.parents)}.",
+                  ""]
+    header = ["arm", "n", "parameters", "KV bytes/token", *(m.name for m in METRICS)]
+    body = []
+    for arm in c.arms:
+        runs = f"{arm.n}" + (f" (+{len(arm.rows) - arm.n} unfinished)" if len(arm.rows) > arm.n else "")
+        body.append([arm.name + (" (baseline)" if arm.is_baseline else ""), runs, _parameters_cell(arm),
+                     _fmt(arm.shape("kv_cache_bytes_per_token")), *(_cell(arm.summaries[m.key]) for m in METRICS)])
+    lines += ["## Arms", "", *_table(header, body), ""]
+    others = [a for a in c.arms if not a.is_baseline]
+    if others:
+        header = ["arm", "n vs baseline", *(f"Δ {m.name}" for m in METRICS)]
+        body = [[a.name, f"{a.n} vs {c.baseline.n}", *(_diff_cell(a.diffs[m.key]) for m in METRICS)] for a in others]
+        lines += [f"## Against the baseline ({c.baseline.name})", "",
+                  "Difference of the means (arm − baseline) [95% CI], Welch's t-test p-value.", "",
+                  *_table(header, body), ""]
+    header = ["run", "arm", "seed", "status", "attention", "kv_groups", "parameters", "test bpb", "best val loss",
+              "test loss", "test ppl", "train tokens/s", "decode tokens/s", "KV bytes/token", "steps"]
+    body = [[r["run"], r["arm"], "" if r.get("seed") is None else str(r["seed"]), _fmt(r.get("status")), _fmt(r.get("attention")),
+             _fmt(r.get("kv_groups")), _parameters_cell(r), *(_fmt(r.get(k)) for k in (
+                 "test_bpb", "best_val_loss", "test_loss", "test_ppl", "train_tokens_per_sec",
+                 "decode_tokens_per_sec", "kv_cache_bytes_per_token", "steps"))] for r in run_rows(c)]
+    lines += ["## Runs", "", *_table(header, body), "",
+              "test bpb: bits per UTF-8 byte of the test split (empty for runs from before it was recorded); test ppl "
+              "is measured with the best checkpoint (a conversion-study arm: its final weights); KV-cache bytes per "
+              "token are fp32 (half in bf16); tokens/s were measured on the machine that trained each run.", ""]
+    lines += curve_source_notes(c.rows)
+    lines += search_section(c.root)  # each arm's best parameters, when the folder holds a per-arm search
+    lines += [f"![{name}]({name})" for name in c.images]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------- report.md
+
+def _extra(arm: Arm, baseline: Arm) -> str:
+    return ", ".join(x for x in (kv_cache_share(arm, baseline), parameter_share(arm, baseline)) if x)
+
+
+def what_it_would_take(arm: Arm, baseline: Arm, metric: Metric) -> str | None:
+    """Seeds per arm that would resolve an undetected difference of the observed size, from the measured stds."""
+    d, a, b = arm.diffs[metric.key], arm.summaries[metric.key], baseline.summaries[metric.key]
+    if d.diff is None:
+        return None
+    if d.ci_low is not None and not d.ci_low <= 0 <= d.ci_high:
+        return f"{arm.name}: resolved at n = {d.n_a} vs {d.n_b}; nothing more needed for {metric.name}."
+    if a.std is None or b.std is None:
+        return (f"{arm.name}: {metric.name} cannot be planned yet: n = {d.n_a} vs {d.n_b}, and a spread needs at "
+                f"least 2 runs per arm; run 3 or more seeds per arm to measure it.")
+    if a.std == 0 and b.std == 0:
+        return f"{arm.name}: {metric.name} shows no spread across seeds; more seeds cannot change the estimate."
+    n = runs_needed(a.std, b.std, d.diff, alpha=ALPHA, power=POWER)
+    size = f"{_signed(d.diff)} {metric.unit}".rstrip()
+    if n is None:
+        return (f"{arm.name}: a true {metric.name} difference of {size} would need more than 10,000 seeds per arm "
+                f"at the measured spread (sd {_fmt(a.std)} vs {_fmt(b.std)}): indistinguishable in practice.")
+    return (f"{arm.name}: a true {metric.name} difference of {size} (the observed one) would be detected with "
+            f"{POWER:.0%} power by about **{n} seeds per arm** (two-sided Welch test at {ALPHA:g}, measured sd "
+            f"{_fmt(a.std)} vs {_fmt(b.std)}; now n = {d.n_a} vs {d.n_b}).")
+
+
+def report_md(c: Comparison) -> str:
+    m = c.metric
+    lines = [f"# Findings: {len(c.arms)} arms, {sum(a.n for a in c.arms)} finished runs in `{c.root}`", "",
+             f"Baseline: **{c.baseline.name}** ({c.baseline_note}), n = {c.baseline.n}. Headline: {m.name}"
+             + (f" ({m.unit})" if m.unit else "") + ". A difference is stated with its 95% confidence interval "
+             "(± half-width) and Welch's p-value; one whose interval holds 0 is reported as no difference detected, "
+             "never as a win or a loss.", ""]
+    if m.key != "test_bpb":
+        lines += ["No finished run recorded test bpb (runs from before bits per byte): the headline falls back to "
+                  "best val loss, which is only comparable between runs with the same tokenizer.", ""]
+    others = [a for a in c.arms if not a.is_baseline]
+    lines += ["## Against the baseline", ""]
+    if not others:
+        lines += [f"Only one arm ({c.baseline.name}): nothing to compare.", ""]
+    for arm in others:
+        lines.append(f"- {finding(m.name, arm.name, c.baseline.name, arm.diffs[m.key], m.unit, _extra(arm, c.baseline))}")
+        for other in METRICS:
+            if other.key != m.key and arm.diffs[other.key].diff is not None:  # the arm and baseline said above
+                text = finding(other.name, arm.name, c.baseline.name, arm.diffs[other.key], other.unit)
+                lines.append(f"  - {text.removeprefix(f'{arm.name}: ').replace(f' vs {c.baseline.name}', '', 1)}")
+    if others:
+        lines += ["", "## What it would take", "",
+                  f"Seeds per arm for a two-sided Welch test (α = {ALPHA:g}) to detect, with {POWER:.0%} power, a true "
+                  f"{m.name} difference as large as the observed one, taking the measured stds as the true ones "
+                  "(a planning figure, not a promise):", ""]
+        lines += [f"- {line}" for a in others if (line := what_it_would_take(a, c.baseline, m))]
+    unfinished = [r["run"] for r in c.rows if not complete(r)]
+    if unfinished:
+        lines += ["", f"Not counted (unfinished): {', '.join(f'`{r}`' for r in unfinished)}."]
+    lines += ["", "## Plots", "", *(f"![{name}]({name})" for name in c.images), "",
+              "Tables: [comparison.md](comparison.md) (arms, then runs), comparison.csv (arms), runs.csv (runs)."]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- compare
+
+def compare(root: Path, out: Path | None = None, baseline: str | None = None) -> Comparison:
     root = root.expanduser().resolve()
     if not root.is_dir():
         raise UserError(f"{root} is not a directory; pass a sweep folder (outputs/multirun/<date>) or a folder of runs")
     runs = find_runs(root)
     if not runs:
         raise UserError(f"no runs under {root}: expected run directories with .hydra/, tb/ or summary.json")
-    out = (out or root).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     rows = [read_run(r, root) for r in runs]
-    with open(out / "comparison.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS} for r in rows)
-    images = plot(rows, out)
-    lines = [f"# Comparison of {len(rows)} runs in `{root}`", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in COLUMNS) + " |" for r in rows]
-    lines += ["", "val_ppl is exp(best val loss); test_ppl is measured with the best checkpoint; KV-cache bytes per "
-              "token are fp32 (half in bf16); tokens/s were measured on the machine that trained each run.", ""]
-    lines += curve_source_notes(rows)
-    lines += search_section(root)  # each arm's best parameters, when root holds a per-arm search
-    lines += [f"![{name}]({name})" for name in images]
-    (out / "comparison.md").write_text("\n".join(lines) + "\n")
-    return rows
+    parent_dirs = parents_of(rows, set(runs))
+    rows += [read_run(p, root) for p in parent_dirs]
+    arms = group(rows, root)
+    chosen, note = pick_baseline(arms, baseline, root)  # refused here, before anything is written
+    measure(arms, chosen)
+    out = (out or root).expanduser().resolve()
+    c = Comparison(root, out, rows, arms, chosen, note, headline(arms), [r["run"] for r in rows[len(runs):]], [])
+    out.mkdir(parents=True, exist_ok=True)
+    c.images = plots.plot(arms, chosen, c.metric, out)
+    atomic_write_text(out / "comparison.csv", _csv(arm_csv_columns(), arm_csv_rows(c)))
+    atomic_write_text(out / "runs.csv", _csv(RUN_COLUMNS, run_rows(c)))
+    atomic_write_text(out / "comparison.md", comparison_md(c))
+    atomic_write_text(out / "report.md", report_md(c))
+    return c

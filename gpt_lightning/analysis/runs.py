@@ -1,5 +1,5 @@
-"""Reading finished (or crashed) runs back from disk: their run record, Hydra config and curves (TensorBoard events,
-else the CSV logger's metrics.csv)."""
+"""Reading finished (or crashed) runs back from disk: their run record, resolved Hydra config and logged curves
+(TensorBoard events, else the CSV logger's metrics.csv)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,12 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(runs)
 
 
-def read_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag's (step, value) points from the run's TensorBoard event files."""
+def is_run(path: Path) -> bool:
+    return (path / TRAIN_RECORD).is_file() or (path / ".hydra" / "config.yaml").is_file()
+
+
+def read_tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag's (step, value) points from the run's TensorBoard event files (`<run>/tb`)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars: dict[str, list[tuple[int, float]]] = {}
@@ -48,10 +52,11 @@ def read_csv_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def read_curves(run: Path) -> tuple[dict[str, list[tuple[int, float]]], str]:
-    """(scalars, source): TensorBoard's events when the run has any, else the CSV logger's metrics.csv.
-    source is "tensorboard", "csv" or "none"."""
+    """(scalars, source): every logged scalar's (step, value) points, sorted by step, from TensorBoard's events when
+    the run has any, else the CSV logger's metrics.csv; source is "tensorboard", "csv" or "none". The one place that
+    reads a run's curves: every report and plot goes through it."""
     if any((run / "tb").glob("events.out.tfevents.*")):
-        return read_scalars(run), "tensorboard"
+        return read_tensorboard_scalars(run), "tensorboard"
     if (run / "csv" / "metrics.csv").is_file():
         return read_csv_scalars(run), "csv"
     return {}, "none"
@@ -69,30 +74,75 @@ def curve_source_notes(rows: list[dict]) -> list[str]:
     return lines + [""] if lines else []
 
 
+def _resolved(node):
+    """A config node as plain containers, resolved key by key: a value whose interpolation cannot be resolved
+    outside its run (`${hydra:runtime.output_dir}`, a resolver not registered here) keeps its text."""
+    if OmegaConf.is_dict(node):
+        out = {}
+        for key in node:
+            try:
+                value = node[key] if not OmegaConf.is_missing(node, key) else "???"
+            except Exception:  # unresolvable interpolation: keep it as written
+                value = node._get_node(key)._value()
+            out[str(key)] = _resolved(value)
+        return out
+    if OmegaConf.is_list(node):
+        out = []
+        for i in range(len(node)):
+            try:
+                out.append(_resolved(node[i]) if not OmegaConf.is_missing(node, i) else "???")
+            except Exception:
+                out.append(node._get_node(i)._value())
+        return out
+    return node
+
+
+def read_config(run: Path) -> dict | None:
+    """The run's resolved config (Hydra saves `.hydra/config.yaml` unresolved: mha's kv_groups is ${.n_heads})."""
+    cfg_file = run / ".hydra" / "config.yaml"
+    if not cfg_file.is_file():
+        return None
+    from gpt_lightning.training.model_config import register_resolvers
+
+    register_resolvers()  # ${attention_label:...} and friends resolve as they did in the run
+    return _resolved(OmegaConf.load(cfg_file))
+
+
 def _finite(x) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+RECORD_FIELDS = ("status", "attention", "n_head", "kv_groups", "n_layer", "n_embd", "mlp_hidden", "parameters",
+                 "best_val_loss", "test_loss", "test_ppl", "val_bpb", "test_bpb", "train_tokens_per_sec",
+                 "decode_tokens_per_sec", "kv_cache_bytes_per_token", "kv_cache_bytes_per_token_mha")
 
 
 def read_run(run: Path, root: Path) -> dict:
-    row: dict = {"run": str(run.relative_to(root)) or "."}
-    cfg_file = run / ".hydra" / "config.yaml"
-    att, model = {}, {}
-    if cfg_file.is_file():  # saved unresolved (mha's kv_groups is ${.n_heads}): resolve what we read
-        cfg = OmegaConf.load(cfg_file)
-        att = OmegaConf.to_container(cfg.attention, resolve=True) if "attention" in cfg else {}
-        model = OmegaConf.to_container(cfg.model, resolve=True) if "model" in cfg else {}
+    """One row: the run's name (relative to root), its resolved config, record figures, and its val/loss curve.
+
+    A figure the run did not record (a crash, or a record from before that figure existed) is None, never 0.
+    """
+    try:
+        name = str(run.relative_to(root)) or "."
+    except ValueError:  # a parent run read from outside the folder (init_from of a study arm)
+        name = str(run)
+    config = read_config(run)
+    row: dict = {"run": name, "path": run, "config": config}
+    att = (config or {}).get("attention") or {}
+    model = (config or {}).get("model") or {}
     if isinstance(att.get("n_heads"), int) and isinstance(att.get("kv_groups"), int):
         row.update(attention=attention_label(att["n_heads"], att["kv_groups"]), n_head=att["n_heads"],
                    kv_groups=att["kv_groups"])
+    row["seed"] = (config or {}).get("seed")
+    uptrain = (config or {}).get("uptrain") or {}
+    if isinstance(uptrain, dict) and _finite(uptrain.get("alpha")) is not None:  # a conversion-study arm
+        row.update(uptrain_method=uptrain.get("method"), uptrain_alpha=float(uptrain["alpha"]))
     scalars, row["curves"] = read_curves(run)
     curve = scalars.get("val/loss", [])
     record_file = run / TRAIN_RECORD
     if record_file.is_file():
         r = RunRecord.load(record_file)
-        row.update(status=r.status, attention=r.attention, n_head=r.n_head, kv_groups=r.kv_groups,
-                   parameters=r.parameters, best_val_loss=r.best_val_loss, test_ppl=r.test_ppl,
-                   train_tokens_per_sec=r.train_tokens_per_sec, decode_tokens_per_sec=r.decode_tokens_per_sec,
-                   kv_cache_bytes_per_token=r.kv_cache_bytes_per_token, steps=r.global_step)
+        row.update({k: getattr(r, k) for k in RECORD_FIELDS}, steps=r.global_step)
     else:
         has_ckpt = any((run / "checkpoints").glob("*.ckpt"))
         row["status"] = "incomplete (no summary; last checkpoint kept)" if has_ckpt else "crashed (no checkpoint)"
@@ -101,10 +151,38 @@ def read_run(run: Path, root: Path) -> dict:
         # ThroughputMonitor: train/device/items_per_sec on one device, train/items_per_sec (all ranks) with DDP
         tput = scalars.get("train/items_per_sec") or scalars.get("train/device/items_per_sec") or []
         row["train_tokens_per_sec"] = tput[-1][1] if tput else None
-        if att and model.get("n_embd"):
-            row["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(
-                model["n_layer"], att["kv_groups"], model["n_embd"] // att["n_heads"])
-    row["best_val_loss"] = _finite(row.get("best_val_loss"))
+        if att and model.get("n_embd") and isinstance(att.get("n_heads"), int):
+            head_dim = model["n_embd"] // att["n_heads"]
+            row["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(model["n_layer"], att["kv_groups"], head_dim)
+            row["kv_cache_bytes_per_token_mha"] = kv_cache_bytes_per_token(model["n_layer"], att["n_heads"], head_dim)
+    for key in ("best_val_loss", "test_loss", "test_ppl", "val_bpb", "test_bpb", "train_tokens_per_sec",
+                "decode_tokens_per_sec"):
+        row[key] = _finite(row.get(key))
     row["val_ppl"] = math.exp(row["best_val_loss"]) if row["best_val_loss"] is not None else None
     row["val_curve"] = curve
     return row
+
+
+def _launch_dir(run: Path) -> Path:
+    hydra_file = run / ".hydra" / "hydra.yaml"
+    try:
+        return Path(OmegaConf.load(hydra_file).hydra.runtime.cwd)
+    except Exception:  # no hydra.yaml (copied runs): the current directory is the best guess
+        return Path.cwd()
+
+
+def parents_of(rows: list[dict], known: set[Path]) -> list[Path]:
+    """Run directories of the MHA parents that conversion-study arms started from (`init_from`), when they are
+    gpt_lightning runs not already among `known`: the study's baseline lives where the parent was trained."""
+    found = []
+    for row in rows:
+        init_from = ((row.get("config") or {}).get("init_from")) if row.get("uptrain_alpha") is not None else None
+        if not isinstance(init_from, str) or init_from.startswith("hf:"):
+            continue
+        path = Path(init_from).expanduser()
+        if not path.is_absolute():  # relative to where the arm was launched (Hydra keeps that in hydra.yaml)
+            path = _launch_dir(row["path"]) / path
+        run = path.resolve().parent.parent  # <run>/checkpoints/<name>.ckpt
+        if is_run(run) and run not in known and run not in found:
+            found.append(run)
+    return found

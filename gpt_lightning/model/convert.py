@@ -1,9 +1,10 @@
-"""Weights from elsewhere into our GPT: MHA -> GQA/MQA by mean-pooling KV heads, and Hugging Face GPT-2 checkpoints.
+"""Weights from elsewhere into our GPT: MHA -> GQA/MQA by pooling KV heads, and Hugging Face GPT-2 checkpoints.
 
 Uptraining (arXiv 2305.13245, section 2.1): the key and value projection heads of each contiguous group are
-replaced by their mean; every other weight is copied. Query head i then reads pooled KV head i // (n_head // G),
+replaced by their mean (or the group's first head, or a fresh initialisation: section 3.3's comparison); every
+other weight is copied. Query head i then reads pooled KV head i // (n_head // G),
 the same contiguous grouping SDPA's `enable_gqa` uses. A group of identical heads (a GQA model exported to GPT-2
-repeats each KV head) pools to that head bit for bit.
+repeats each KV head) mean-pools to that head bit for bit.
 
 Hugging Face folders (`load_hf_gpt2`): OpenAI's GPT-2 or any `save_pretrained` GPT-2, and our own exports
 (`gpt_lightning/model/export.py`: GPT-2, or GPTBigCode with multi_query), which come back as the model they were
@@ -22,30 +23,51 @@ from gpt_lightning.common.errors import UserError
 from gpt_lightning.model.gpt import GPT, GPTConfig
 
 
+POOL_METHODS = ("mean", "first", "random")
+
+
+def check_pool_method(method: str, what: str = "method") -> None:
+    """Refuse an unknown conversion method in one line, before any weight is touched."""
+    if method not in POOL_METHODS:
+        raise UserError(f"{what}={method!r} is not a KV-head conversion method; use one of {', '.join(POOL_METHODS)} "
+                        f"(mean: average each group's heads, first: keep each group's first head, random: fresh K/V)")
+
+
 @torch.no_grad()
-def pool_kv_heads(model: GPT, kv_groups: int) -> GPT:
-    """A new GPT with `kv_groups` KV heads, each the mean of a contiguous group of `model`'s KV heads."""
+def pool_kv_heads(model: GPT, kv_groups: int, method: str = "mean") -> GPT:
+    """A new GPT with `kv_groups` KV heads built from `model`'s contiguous groups of KV heads (GQA paper, §3.3):
+
+    - mean (default): each new KV head is the mean of its group's heads (the paper's choice, best in its Figure 6);
+    - first: each new KV head is its group's first head;
+    - random: the K/V projections are freshly initialised (as a new GPT's), the queries and all else copied.
+    Every other weight (queries, output projection, MLP, embeddings, LayerNorms) is copied unchanged.
+    """
+    check_pool_method(method)
     src = model.config
     if kv_groups < 1 or src.n_kv_groups % kv_groups:
         raise UserError(f"cannot pool {src.n_kv_groups} KV heads into kv_groups={kv_groups}: "
                         f"kv_groups must divide {src.n_kv_groups}")
     new = GPT(replace(src, n_kv_groups=kv_groups)).to(next(model.parameters()).device)
+    fresh = new.state_dict()  # random: the K/V rows come from here (the global torch RNG, seeded by the run)
     C, hd = src.n_embd, src.head_dim
     per_group = src.n_kv_groups // kv_groups
 
-    def group_mean(x: torch.Tensor) -> torch.Tensor:  # (kv_groups, per_group, hd, ...) -> (kv_groups * hd, ...)
-        if torch.equal(x, x[:, :1].expand_as(x)):  # repeated heads: the mean is the head itself, without rounding
-            return x[:, 0].flatten(0, 1)
-        return x.mean(dim=1).flatten(0, 1)
+    def group(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(kv_groups, per_group, hd, *t.shape[1:])  # (G, heads per group, hd, ...)
+        if method == "first" or torch.equal(t, t[:, :1].expand_as(t)):  # repeated heads: exact, no rounding
+            return t[:, 0].flatten(0, 1)
+        return t.mean(dim=1).flatten(0, 1)  # (G * hd, ...)
 
-    def pool(t: torch.Tensor) -> torch.Tensor:
+    def convert(name: str, t: torch.Tensor) -> torch.Tensor:
         # Rows of q | k | v along dim 0; k and v are (G * hd) rows each, head-major.
         q, k, v = t.split([C, src.n_kv_groups * hd, src.n_kv_groups * hd], dim=0)
-        k = group_mean(k.reshape(kv_groups, per_group, hd, *t.shape[1:]))
-        v = group_mean(v.reshape(kv_groups, per_group, hd, *t.shape[1:]))
+        if method == "random":
+            _, k, v = fresh[name].split([C, kv_groups * hd, kv_groups * hd], dim=0)
+        else:
+            k, v = group(k), group(v)
         return torch.cat([q, k, v], dim=0)
 
-    state = {name: (pool(t) if ".attn.c_attn." in name else t) for name, t in model.state_dict().items()}
+    state = {name: (convert(name, t) if ".attn.c_attn." in name else t) for name, t in model.state_dict().items()}
     new.load_state_dict(state)
     return new
 

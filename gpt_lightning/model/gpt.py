@@ -39,6 +39,7 @@ class GPTConfig:
     n_embd: int
     dropout: float = 0.0
     bias: bool = True
+    mlp_hidden: int | None = None  # MLP width; None = 4 * n_embd (GPT-2). Wider to match MHA's parameter count.
 
     def __post_init__(self):
         # Refuse a bad shape before any weight is allocated, naming the values.
@@ -58,10 +59,18 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model config: dropout={self.dropout} must be in [0, 1)")
+        if self.mlp_hidden is not None and (not isinstance(self.mlp_hidden, int) or isinstance(self.mlp_hidden, bool)
+                                            or self.mlp_hidden < 1):
+            raise UserError(f"model config: mlp_hidden={self.mlp_hidden!r} must be null or a positive integer")
 
     @property
     def attention(self) -> str:
         return attention_label(self.n_head, self.n_kv_groups)
+
+    @property
+    def hidden(self) -> int:
+        """The MLP's inner width: mlp_hidden, or GPT-2's 4 * n_embd (configs and checkpoints without the field)."""
+        return self.mlp_hidden or 4 * self.n_embd
 
     @property
     def head_dim(self) -> int:
@@ -111,8 +120,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

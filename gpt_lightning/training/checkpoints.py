@@ -9,7 +9,7 @@ import torch
 
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.model import GPT, GPTConfig
-from gpt_lightning.model.convert import hf_encoding, load_hf_gpt2, pool_kv_heads
+from gpt_lightning.model.convert import check_pool_method, hf_encoding, load_hf_gpt2, pool_kv_heads
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -37,12 +37,16 @@ def load_gpt(path_or_ckpt: str | Path | dict, map_location="cpu") -> tuple[GPT, 
     return model.to(map_location).eval(), hparams
 
 
-def init_state_from(init_from: str, target: GPTConfig, encoding: str) -> dict[str, torch.Tensor]:
+def init_state_from(init_from: str, target: GPTConfig, encoding: str, method: str = "mean") -> dict[str, torch.Tensor]:
     """Weights for a model of shape `target` from a checkpoint or `hf:FOLDER`.
 
-    KV heads are mean-pooled when the source has more than `target.n_kv_groups` (MHA -> GQA/MQA uptraining);
-    positions are cropped when the source has a longer context. Any other shape difference is refused.
+    KV heads are pooled by `method` (mean, first, random; see `pool_kv_heads`) when the source has more than
+    `target.n_kv_groups` (MHA -> GQA/MQA uptraining); positions are cropped when the source has a longer context.
+    Any other shape difference is refused, a different MLP width included: a parameter-matched GQA model
+    (model.match_params=true) has a wider MLP than its MHA parent, and half-copied MLP weights would be neither
+    an uptrained model nor a fresh one.
     """
+    check_pool_method(method, "uptrain.method")
     hf = init_from.startswith("hf:")
     path = Path(init_from[3:] if hf else init_from).expanduser()
     if not path.exists():
@@ -55,11 +59,6 @@ def init_state_from(init_from: str, target: GPTConfig, encoding: str) -> dict[st
     else:
         source, _ = load_gpt(path)
     src = source.config
-    if src.n_kv_groups != target.n_kv_groups:
-        if src.n_kv_groups % target.n_kv_groups:
-            raise UserError(f"init_from={init_from} has {src.n_kv_groups} KV heads, which cannot be pooled into "
-                            f"attention.kv_groups={target.n_kv_groups}; use a divisor of {src.n_kv_groups}")
-        source = pool_kv_heads(source, target.n_kv_groups)
     mismatched = [f"{k}={getattr(src, k)} (config: {getattr(target, k)})"
                   for k in ("vocab_size", "n_layer", "n_head", "n_embd", "bias") if getattr(src, k) != getattr(target, k)]
     if target.block_size > src.block_size:
@@ -67,6 +66,15 @@ def init_state_from(init_from: str, target: GPTConfig, encoding: str) -> dict[st
     if mismatched:
         raise UserError(f"init_from={init_from} has another model shape: {', '.join(mismatched)}; "
                         f"set the model/attention keys to match it")
+    if src.hidden != target.hidden:
+        raise UserError(f"init_from={init_from} has an MLP of {src.hidden} units, this model {target.hidden} "
+                        f"(model.match_params widens a GQA/MQA MLP): uptraining keeps the parent's MLP, so set "
+                        f"model.match_params=false")
+    if src.n_kv_groups != target.n_kv_groups:
+        if src.n_kv_groups % target.n_kv_groups:
+            raise UserError(f"init_from={init_from} has {src.n_kv_groups} KV heads, which cannot be pooled into "
+                            f"attention.kv_groups={target.n_kv_groups}; use a divisor of {src.n_kv_groups}")
+        source = pool_kv_heads(source, target.n_kv_groups, method)
     state = source.state_dict()
     state["transformer.wpe.weight"] = state["transformer.wpe.weight"][: target.block_size]
     return state

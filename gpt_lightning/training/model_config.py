@@ -7,6 +7,7 @@ mqa: kv_groups = 1; gqa: any divisor, so a gqa sweep can span MQA..MHA). What a 
 
 from __future__ import annotations
 
+import logging
 import os
 
 from omegaconf import OmegaConf
@@ -14,7 +15,10 @@ from omegaconf import OmegaConf
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.model import GPTConfig, attention_label
 
+log = logging.getLogger(__name__)
+
 ATTENTION_TYPES = ("mha", "gqa", "mqa")
+MATCH_TOLERANCE = 0.005  # matched parameter counts agree with MHA's to 0.5% (of the non-embedding count)
 
 
 def _label_resolver(n_heads, kv_groups) -> str:
@@ -52,10 +56,47 @@ def check_attention(type: str, n_heads: int, kv_groups: int) -> None:
                         f"use attention=gqa attention.kv_groups={kv_groups} for several KV heads")
 
 
+def block_params(n_embd: int, n_head: int, n_kv_groups: int, hidden: int, bias: bool) -> int:
+    """Parameters of one transformer block (attention + MLP + 2 LayerNorms): what `match_params` balances."""
+    C, hd, b = n_embd, n_embd // n_head, int(bias)
+    qkv = C + 2 * n_kv_groups * hd
+    attention = C * qkv + b * qkv + C * C + b * C
+    mlp = C * hidden + b * hidden + hidden * C + b * C
+    return attention + mlp + 2 * (C + b * C)
+
+
+def matched_mlp_hidden(n_embd: int, n_head: int, n_kv_groups: int, bias: bool = True) -> int:
+    """The MLP width that gives a GQA/MQA block MHA's parameter count at the same shape (Llama 2, §A.2.1).
+
+    Fewer KV heads save 2 (n_head - G) hd (C + bias) attention parameters per block; each MLP unit costs 2C + bias,
+    so the MLP grows by about (n_head - G) hd units. A multiple of 8 (friendlier matmuls) is taken when it keeps
+    the block within 0.5% of MHA's, else the nearest integer (tiny shapes, where 8 units are more than 0.5%).
+    """
+    mha = block_params(n_embd, n_head, n_head, 4 * n_embd, bias)
+    saved = mha - block_params(n_embd, n_head, n_kv_groups, 4 * n_embd, bias)
+    exact = 4 * n_embd + saved / (2 * n_embd + int(bias))
+    rounded = max(8, round(exact / 8) * 8)
+    if abs(block_params(n_embd, n_head, n_kv_groups, rounded, bias) - mha) <= MATCH_TOLERANCE * mha:
+        return rounded
+    return round(exact)
+
+
 def gpt_config_from_cfg(cfg, vocab_size: int) -> GPTConfig:
-    """Model shape from the `model` and `attention` groups; the vocabulary from the tokenizer."""
+    """Model shape from the `model` and `attention` groups; the vocabulary from the tokenizer.
+
+    `model.match_params=true` widens a GQA/MQA model's MLP to MHA's parameter count (a no-op on MHA, logged).
+    """
     att = cfg.attention
     check_attention(att.type, att.n_heads, att.kv_groups)
+    mlp_hidden = None
+    if cfg.model.get("match_params", False):
+        if att.kv_groups == att.n_heads:
+            log.info("model.match_params=true on an MHA model (kv_groups = n_heads = %d): nothing to match, "
+                     "the MLP stays 4 * n_embd = %d", att.n_heads, 4 * cfg.model.n_embd)
+        elif cfg.model.n_embd % att.n_heads == 0:  # else GPTConfig names the bad shape below
+            mlp_hidden = matched_mlp_hidden(cfg.model.n_embd, att.n_heads, att.kv_groups, bool(cfg.model.bias))
+            log.info("model.match_params=true: MLP widened from %d to %d so that %d KV heads give MHA's parameter "
+                     "count", 4 * cfg.model.n_embd, mlp_hidden, att.kv_groups)
     return GPTConfig(
         vocab_size=vocab_size,
         block_size=cfg.model.block_size,
@@ -65,4 +106,5 @@ def gpt_config_from_cfg(cfg, vocab_size: int) -> GPTConfig:
         n_embd=cfg.model.n_embd,
         dropout=float(cfg.model.dropout),
         bias=bool(cfg.model.bias),
+        mlp_hidden=mlp_hidden,
     )

@@ -1,0 +1,243 @@
+"""`compare` on synthetic run folders (a Hydra config + a run record each, no training): arms, intervals, Welch
+tests against the baseline, report sentences, plots and bad input."""
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from scipy import stats as scipy_stats
+
+from gpt_lightning.analysis.plots import band
+from gpt_lightning.analysis.report import compare
+from gpt_lightning.analysis.stats import compare_means, describe, runs_needed
+from gpt_lightning.common.errors import UserError
+from gpt_lightning.compare import main as compare_main
+from gpt_lightning.model import kv_cache_bytes_per_token
+from gpt_lightning.training.run_record import RunRecord
+
+HEADS, LAYERS, EMBD = 4, 2, 64
+
+
+def make_run(root: Path, name: str, kv_groups: int, seed: int, test_bpb: float | None = 2.0, *, lr: float = 1e-3,
+             record: bool = True, curve: list[float] | None = None, uptrain: dict | None = None,
+             init_from: str | None = None, params: int | None = None) -> Path:
+    """A run folder as train leaves it: .hydra/config.yaml (unresolved, as Hydra saves it) and summary.json."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    config = {
+        "data": {"encoding": "gpt2", "split_seed": 42, "seed": "${seed}", "block_size": "${model.block_size}"},
+        "model": {"n_heads": HEADS, "n_layer": LAYERS, "n_embd": EMBD, "block_size": 32, "match_params": False},
+        "attention": {"type": "gqa", "n_heads": "${model.n_heads}", "kv_groups": kv_groups},
+        "optim": {"lr": lr},
+        "callbacks": {"model_checkpoint": {"dirpath": "${hydra:runtime.output_dir}/checkpoints"}},
+        "logger": {"tensorboard": {"save_dir": "${hydra:runtime.output_dir}"}},
+        "seed": seed, "ckpt_path": None, "init_from": init_from,
+        "uptrain": {"method": "mean", "alpha": None, "optim": None, "parent": None, **(uptrain or {})},
+    }
+    OmegaConf.save(OmegaConf.create(config), run / ".hydra" / "config.yaml")
+    if record:
+        loss = 3.0 + (test_bpb or 2.0) / 10
+        RunRecord(kind="train", n_layer=LAYERS, n_embd=EMBD, n_head=HEADS, kv_groups=kv_groups, mlp_hidden=4 * EMBD,
+                  parameters=params or 100_000 + 1000 * kv_groups, global_step=20,
+                  kv_cache_bytes_per_token=kv_cache_bytes_per_token(LAYERS, kv_groups, EMBD // HEADS),
+                  kv_cache_bytes_per_token_mha=kv_cache_bytes_per_token(LAYERS, HEADS, EMBD // HEADS),
+                  best_val_loss=loss - 0.01, test_loss=loss, test_ppl=math.exp(loss), test_bpb=test_bpb,
+                  train_tokens_per_sec=1000.0 + seed, decode_tokens_per_sec=200.0 + 10 * kv_groups + seed,
+                  ).save(run / "summary.json")
+    if curve:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(run / "tb")) as w:
+            for step, value in enumerate(curve):
+                w.add_scalar("val/loss", value, (step + 1) * 10)
+    return run
+
+
+MHA_BPB, MQA_BPB, GQA_BPB = [2.00, 2.02, 2.01], [2.10, 2.13, 2.11], [2.00, 2.03, 1.99]
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """kv_groups 1, 2 and 4 (MHA) on three seeds: MQA clearly worse in bpb, GQA indistinguishable from MHA."""
+    root = tmp_path / "sweep"
+    job = 0
+    for kv, values in ((1, MQA_BPB), (2, GQA_BPB), (4, MHA_BPB)):
+        for seed, bpb in zip((1, 2, 3), values):
+            make_run(root, f"{job}_kv{kv}_s{seed}", kv, seed, bpb, curve=[3.0 + 0.01 * seed, 2.5 + 0.01 * seed])
+            job += 1
+    return root
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def arms_by_label(root: Path) -> dict[str, dict]:
+    return {r["arm"]: r for r in read_csv(root / "comparison.csv")}
+
+
+def test_runs_differing_only_in_seed_form_one_arm(sweep):
+    compare(sweep)
+    arms = arms_by_label(sweep)
+    assert list(arms) == ["kv_groups=1", "kv_groups=2", "kv_groups=4"]
+    assert [(a["runs"], a["n"], a["attention"]) for a in arms.values()] == [("3", "3", "mqa"), ("3", "3", "gqa"),
+                                                                           ("3", "3", "mha")]
+    assert arms["kv_groups=4"]["baseline"] == "True"  # the default baseline: kv_groups = n_heads
+    runs = read_csv(sweep / "runs.csv")
+    assert len(runs) == 9 and {r["arm"] for r in runs if r["run"].startswith("0_")} == {"kv_groups=1"}
+
+
+def test_a_run_differing_in_seed_and_another_setting_is_another_arm(sweep):
+    make_run(sweep, "9_kv1_s1_lr", 1, 1, 2.2, lr=3e-3)
+    make_run(sweep, "10_kv1_s2_lr", 1, 2, 2.3, lr=3e-3)
+    compare(sweep)
+    arms = arms_by_label(sweep)
+    assert {"kv_groups=1, optim.lr=0.001", "kv_groups=1, optim.lr=0.003"} <= set(arms)
+    assert arms["kv_groups=1, optim.lr=0.003"]["n"] == "2" and arms["kv_groups=1, optim.lr=0.001"]["n"] == "3"
+
+
+def test_arm_statistics_are_describe_and_welch_on_the_seeds(sweep):
+    compare(sweep)
+    mqa = arms_by_label(sweep)["kv_groups=1"]
+    s, d = describe(MQA_BPB), compare_means(MQA_BPB, MHA_BPB)
+    assert float(mqa["test_bpb_mean"]) == pytest.approx(np.mean(MQA_BPB))
+    assert float(mqa["test_bpb_std"]) == pytest.approx(np.std(MQA_BPB, ddof=1))
+    assert (float(mqa["test_bpb_ci_low"]), float(mqa["test_bpb_ci_high"])) == pytest.approx((s.ci_low, s.ci_high))
+    assert float(mqa["test_bpb_diff"]) == pytest.approx(np.mean(MQA_BPB) - np.mean(MHA_BPB))
+    assert (float(mqa["test_bpb_diff_ci_low"]), float(mqa["test_bpb_diff_ci_high"])) == pytest.approx((d.ci_low, d.ci_high))
+    assert float(mqa["test_bpb_p_value"]) == pytest.approx(scipy_stats.ttest_ind(MQA_BPB, MHA_BPB, equal_var=False).pvalue)
+    assert arms_by_label(sweep)["kv_groups=4"]["test_bpb_diff"] == ""  # the baseline is not compared with itself
+
+
+def test_comparison_md_shows_the_arm_table_first_then_the_runs(sweep):
+    compare(sweep)
+    md = (sweep / "comparison.md").read_text()
+    assert md.index("## Arms") < md.index("## Against the baseline") < md.index("## Runs")
+    arms_table = md[md.index("## Arms"):md.index("## Against")]
+    assert arms_table.index("kv_groups=1 (MQA)") < arms_table.index("kv_groups=4 (MHA) (baseline)")
+    header = arms_table.splitlines()[2]
+    assert header.index("test bpb") < header.index("best val loss")  # bpb is the headline quality column
+    assert f"{np.mean(MQA_BPB):.4f} ± {describe(MQA_BPB).half_width:.4f}" in arms_table
+    assert "| 0_kv1_s1 | kv_groups=1 | 1 | complete |" in md
+
+
+def test_report_states_a_detected_difference_with_its_interval_and_the_kv_cache_share(sweep):
+    compare(sweep)
+    report = (sweep / "report.md").read_text()
+    d = compare_means(MQA_BPB, MHA_BPB)
+    assert d.ci_low > 0  # the fixture's MQA difference is resolved at n = 3
+    sentence = next(line for line in report.splitlines() if line.startswith("- kv_groups=1 (MQA)"))
+    assert sentence.startswith(f"- kv_groups=1 (MQA): test bpb +{d.diff:.3f} ± ")
+    assert "vs kv_groups=4 (MHA)" in sentence and "n = 3 each" in sentence
+    assert sentence.endswith("KV cache 1/4 of MHA's, parameters 0.97x")
+    assert "resolved at n = 3 vs 3" in report
+
+
+def test_report_says_no_difference_detected_and_how_many_seeds_would_resolve_it(sweep):
+    compare(sweep)
+    report = (sweep / "report.md").read_text()
+    sentence = next(line for line in report.splitlines() if line.startswith("- kv_groups=2 (GQA)"))
+    assert "no difference detected at n = 3 each" in sentence and "KV cache 1/2 of MHA's" in sentence
+    gqa, mha = describe(GQA_BPB), describe(MHA_BPB)
+    needed = runs_needed(gqa.std, mha.std, gqa.mean - mha.mean)
+    take = report[report.index("## What it would take"):]
+    assert f"kv_groups=2 (GQA): a true test bpb difference of" in take and f"**{needed} seeds per arm**" in take
+
+
+def test_one_run_per_arm_reports_n_1_without_an_interval(tmp_path):
+    root = tmp_path / "single"
+    make_run(root, "0_kv1", 1, 1, 2.1)
+    make_run(root, "1_kv4", 4, 1, 2.0)
+    compare(root)
+    arm = arms_by_label(root)["kv_groups=1"]
+    assert arm["n"] == "1" and arm["test_bpb_mean"] == "2.1" and arm["test_bpb_ci_low"] == arm["test_bpb_std"] == ""
+    assert arm["test_bpb_diff"] != "" and arm["test_bpb_p_value"] == ""
+    report = (root / "report.md").read_text()
+    assert "n = 1 each: no interval" in report and "a spread needs at least 2 runs per arm" in report
+    assert "| kv_groups=1 (MQA) | 1 |" in (root / "comparison.md").read_text()
+
+
+def test_a_run_without_bpb_shows_an_empty_cell_never_zero(sweep):
+    make_run(sweep, "9_old_kv4", 4, 7, test_bpb=None)  # a record from before bits per byte
+    compare(sweep)
+    old = next(r for r in read_csv(sweep / "runs.csv") if r["run"] == "9_old_kv4")
+    assert old["test_bpb"] == "" and old["best_val_loss"] != ""
+    row = next(line for line in (sweep / "comparison.md").read_text().splitlines() if line.startswith("| 9_old_kv4"))
+    assert row.split(" | ")[7] == ""  # the test bpb column
+    mha = arms_by_label(sweep)["kv_groups=4"]
+    assert (mha["runs"], mha["n"], mha["test_bpb_n"]) == ("4", "4", "3")  # not averaged in as 0
+    assert float(mha["test_bpb_mean"]) == pytest.approx(np.mean(MHA_BPB))
+
+
+def test_plots_have_error_bars_and_bands_and_report_links_every_png(sweep):
+    c = compare(sweep)
+    report = (sweep / "report.md").read_text()
+    assert {"val_loss.png", "quality_vs_kv_cache.png", "decode_vs_kv_groups.png"} <= set(c.images)
+    for name in c.images:
+        assert (sweep / name).stat().st_size > 0 and f"![{name}]({name})" in report
+
+
+def test_band_is_the_mean_and_std_of_the_arm_curves_at_each_step():
+    steps, mean, std = band([[(10, 1.0), (20, 0.5)], [(10, 3.0), (20, 0.7)], [(10, 2.0)]])
+    assert steps.tolist() == [10, 20]
+    assert mean.tolist() == pytest.approx([2.0, 0.6]) and std.tolist() == pytest.approx([1.0, np.std([0.5, 0.7], ddof=1)])
+
+
+def test_no_mha_arm_names_the_missing_baseline_and_the_arms_found(tmp_path, capsys):
+    root = tmp_path / "gqa_only"
+    make_run(root, "0_kv1", 1, 1)
+    make_run(root, "1_kv2", 2, 1)
+    with pytest.raises(SystemExit) as exit:
+        compare_main([str(root)])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: no MHA arm (kv_groups = n_heads)")
+    assert "'kv_groups=1' (mqa, 1 run); 'kv_groups=2' (gqa, 1 run)" in err and "--baseline" in err
+    assert not (root / "comparison.md").exists() and not (root / "report.md").exists()  # refused before writing
+
+
+def test_a_baseline_that_names_no_arm_lists_the_arms(sweep):
+    with pytest.raises(UserError, match=r"--baseline 'kv_groups=3' names no arm.*'kv_groups=1'.*'kv_groups=2'.*"
+                                        r"'kv_groups=4'"):
+        compare(sweep, baseline="kv_groups=3")
+
+
+def test_the_baseline_option_sets_every_arm_against_the_one_it_names(sweep):
+    c = compare(sweep, baseline="kv_groups=2")
+    assert c.baseline.label == "kv_groups=2"
+    mha = arms_by_label(sweep)["kv_groups=4"]
+    assert float(mha["test_bpb_diff"]) == pytest.approx(np.mean(MHA_BPB) - np.mean(GQA_BPB))
+    assert "vs kv_groups=2 (GQA)" in (sweep / "report.md").read_text()
+
+
+def test_a_conversion_study_draws_quality_against_alpha_with_the_parent_as_baseline(tmp_path):
+    parent = make_run(tmp_path / "elsewhere", "mha_parent", 4, 1, 2.0)  # outside the compared folder
+    ckpt = parent / "checkpoints" / "last.ckpt"
+    root = tmp_path / "study"
+    job = 0
+    for method in ("mean", "first", "random", "scratch"):
+        for alpha in (0, 0.05, 0.1):
+            bpb = 2.0 + {"mean": 0.01, "first": 0.02, "random": 0.5, "scratch": 0.03}[method] * (1 - 5 * alpha)
+            make_run(root, f"{job}_{method}_a{alpha}", 2, 1, bpb, uptrain={"method": method, "alpha": alpha},
+                     init_from=str(ckpt))
+            job += 1
+    c = compare(root)
+    assert c.baseline.label.startswith("kv_groups=4") and c.parents == [str(parent)]
+    assert {"uptrain_alpha.png", "uptrain_methods.png"} <= set(c.images)
+    arms = arms_by_label(root)
+    first = "kv_groups=2, init_from=…/mha_parent/checkpoints/last.ckpt, alpha=0.05, method=first"
+    assert len(arms) == 13 and arms[first]["uptrain_method"] == "first" and arms[first]["uptrain_alpha"] == "0.05"
+    assert "![uptrain_alpha.png](uptrain_alpha.png)" in (root / "report.md").read_text()
+
+
+def test_a_single_arm_is_described_without_a_baseline_to_beat(tmp_path):
+    root = tmp_path / "one"
+    make_run(root, "0_kv2_s1", 2, 1, 2.0)
+    make_run(root, "1_kv2_s2", 2, 2, 2.1)
+    c = compare(root)
+    assert c.baseline.label == "all runs" and c.baseline.n == 2
+    assert "Only one arm" in (root / "report.md").read_text()

@@ -1,0 +1,80 @@
+"""The conversion study's settings (`uptrain.*`): refused in one line before any work, and the step plan."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from gpt_lightning.common.errors import UserError
+from gpt_lightning.training import uptrain
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def cfg(*overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture
+def parent(tmp_path) -> str:
+    """Only what the plan reads: a checkpoint's global_step (200 steps of an MHA parent)."""
+    path = tmp_path / "parent.ckpt"
+    torch.save({"hyper_parameters": {"model": {}}, "state_dict": {}, "global_step": 200}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["uptrain.method=median", "init_from=x.ckpt"], "uptrain.method='median' is not a KV-head conversion method; "
+                                                    "use one of mean, first, random"),
+    (["uptrain.alpha=0.1"], "uptrain.alpha=0.1 needs a parent: set init_from=<MHA checkpoint>"),
+    (["uptrain.alpha=-1", "init_from=x.ckpt"], "uptrain.alpha=-1 must be null or a number >= 0"),
+    (["uptrain.method=scratch", "init_from=x.ckpt"], "uptrain.method=scratch is a conversion-study arm: set "
+                                                     "uptrain.alpha"),
+    (["uptrain.parent=train", "init_from=x.ckpt"], "uptrain.parent=train trains its own parent, but init_from"),
+    (["uptrain.parent=yes"], "uptrain.parent='yes': use null, or train"),
+    (["uptrain.alpha=0.1", "init_from=hf:gpt2"], "uptrain.alpha counts the parent's steps"),
+    (["+uptrain.optim.lrate=1"], "uptrain.optim has unknown key(s) lrate"),
+])
+def test_contradictory_settings_are_one_clear_line(overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        uptrain.check(cfg(*overrides))
+
+
+def test_every_study_method_passes_the_check():
+    for method in ("mean", "first", "random", "scratch"):
+        assert uptrain.check(cfg(f"uptrain.method={method}", "uptrain.alpha=0", "init_from=x.ckpt"))["method"] == method
+
+
+@pytest.mark.parametrize("method, alpha, steps", [("mean", 0.05, 10), ("first", 0.1, 20), ("random", 0, 0),
+                                                  ("scratch", 0, 200), ("scratch", 0.05, 210)])
+def test_steps_follow_alpha_of_the_parents_steps(parent, method, alpha, steps):
+    p = uptrain.plan(uptrain.check(cfg(f"uptrain.method={method}", f"uptrain.alpha={alpha}", f"init_from={parent}")),
+                     parent)
+    assert (p.parent_steps, p.max_steps, p.evaluate_only) == (200, steps, steps == 0)
+    assert p.loads_weights == (method != "scratch")
+
+
+def test_outside_the_study_init_from_trains_the_configured_steps(parent):
+    p = uptrain.plan(uptrain.check(cfg(f"init_from={parent}", "uptrain.method=first")), parent)
+    assert (p.method, p.alpha, p.max_steps, p.loads_weights, p.evaluate_only) == ("first", None, None, True, False)
+
+
+def test_converted_models_take_the_uptraining_rate_and_scratch_keeps_optim(parent):
+    study = cfg("experiment=uptrain_study", f"init_from={parent}")
+    optim = {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20, "weight_decay": 0.1}
+    for method, lr in (("mean", 1e-4), ("scratch", 1e-3)):
+        u = {**uptrain.check(study), "method": method}
+        assert uptrain.optim_settings(optim, u, uptrain.plan(u, parent))["lr"] == lr
+
+
+def test_the_parent_takes_the_jobs_overrides_but_not_the_study_keys(tmp_path):
+    cmd = uptrain.parent_command(["experiment=uptrain_study_with_parent", "model.n_layer=2", "uptrain.method=first",
+                                  "uptrain.alpha=0.05", "seed=3", "attention.kv_groups=1"], tmp_path / "parent")
+    args = cmd[3:]
+    assert args[:2] == ["experiment=uptrain_study_with_parent", "model.n_layer=2"]
+    assert not any(a.startswith(("seed=", "uptrain.method=")) for a in args)
+    assert {"uptrain.parent=null", "uptrain.alpha=null", "attention.kv_groups=${attention.n_heads}",
+            "hydra.mode=RUN", f"hydra.run.dir={tmp_path / 'parent'}"} <= set(args)
