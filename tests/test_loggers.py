@@ -42,7 +42,7 @@ def test_wandb_without_the_package_names_the_pip_command(monkeypatch):
         build_loggers(cfg("logger=wandb").logger)
 
 
-def csv_run(run: Path, steps: int = 3) -> CSVLogger:
+def csv_run(run: Path, steps: int = 3, kv_groups: int = 2) -> CSVLogger:
     """A run directory whose only log is the CSV logger's, as `logger=csv` leaves it."""
     logger = CSVLogger(save_dir=run, name="csv", version="")
     for step in range(steps):
@@ -50,7 +50,7 @@ def csv_run(run: Path, steps: int = 3) -> CSVLogger:
         logger.log_metrics({"val/loss": 4.0 - step / 2, "val/ppl": 2.0}, step=step)
     logger.save()
     (run / ".hydra").mkdir()
-    (run / ".hydra" / "config.yaml").write_text("attention: {n_heads: 4, kv_groups: 2}\n"
+    (run / ".hydra" / "config.yaml").write_text(f"attention: {{n_heads: 4, kv_groups: {kv_groups}}}\n"
                                                 "model: {n_layer: 1, n_embd: 16}\n")
     return logger
 
@@ -75,7 +75,7 @@ def test_curves_come_from_csv_when_there_are_no_tensorboard_events(tmp_path):
 
 
 def test_compare_says_which_runs_have_no_tensorboard_events(tmp_path):
-    csv_run(tmp_path / "a")
+    csv_run(tmp_path / "a", kv_groups=4)  # MHA: compare's default baseline
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "summary.json").write_text(json.dumps({"kind": "train", "version": 1}))
     compare(tmp_path)
