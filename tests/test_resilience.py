@@ -79,7 +79,7 @@ def test_multirun_with_ddp_keeps_one_directory_per_job(corpus, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
     jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
-    assert jobs == ["0_mqa_h4_kv1", "1_gqa_h4_kv2"]
+    assert jobs == ["0_mqa_h4_kv1_s1337", "1_gqa_h4_kv2_s1337"]
     for job in jobs:
         assert step_of(tmp_path / "sweep" / job / "checkpoints" / "last.ckpt") == 4
 
