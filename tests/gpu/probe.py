@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--decode-batches", default="1,64")
     ap.add_argument("--decode-new", type=int, default=64)
     ap.add_argument("--decode-repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=None, help="training batch (default: data.batch_size)")
     ap.add_argument("--dtypes", default="bf16,fp32", help="training dtypes to probe (bf16 only where native)")
     args, overrides = ap.parse_known_args()
     from omegaconf import OmegaConf
@@ -131,7 +132,7 @@ def main() -> None:
     decode_dtype = torch.bfloat16 if device.type == "cuda" and bf16 else torch.float32
     vocab = get_encoding(cfg.data.encoding).n_vocab
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    batch = cfg.data.batch_size
+    batch = args.batch or cfg.data.batch_size
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     details = {"shape": {"n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd, "n_head": cfg.attention.n_heads,
                          "block_size": cfg.model.block_size, "batch_size": batch, "vocab": vocab},
@@ -152,8 +153,10 @@ def main() -> None:
                       f" accepted {[b for b, why in row['accepted'].items() if why is None]}"
                       f" ({time.perf_counter() - started:.1f}s)", flush=True)
             except Exception as e:  # one variant's failure (OOM, a kernel error) must not hide the others
-                details["errors"].append(f"train {label}: {type(e).__name__}: {e}")
+                details["errors"].append(f"train {label}: {type(e).__name__}: {str(e)[:300]}")
                 traceback.print_exc()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # after an OOM too: the failed step's tensors are gone with its frames
             record.save(args.out)
         started = time.perf_counter()
         try:
@@ -166,8 +169,10 @@ def main() -> None:
                       f"{r['step_ms']:.2f} ms/step, {r['bytes_per_step'] / 1e6:.0f} MB/step", flush=True)
             print(f"  ({time.perf_counter() - started:.1f}s)", flush=True)
         except Exception as e:
-            details["errors"].append(f"decode {config.attention} kv={kv}: {type(e).__name__}: {e}")
+            details["errors"].append(f"decode {config.attention} kv={kv}: {type(e).__name__}: {str(e)[:300]}")
             traceback.print_exc()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         record.save(args.out)
     if device.type == "cuda":
         details["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)

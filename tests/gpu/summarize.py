@@ -86,6 +86,22 @@ def record_defect(S: Summary, runs: list[str]) -> None:
               "train.py reads trainer.logged_metrics after trainer.test(), which starts a fresh log")
 
 
+def speed_of(rec: RunRecord, run_dir: Path) -> tuple[float | None, float | None, bool]:
+    """(tokens/s, MFU, from the record?): the record's fields; where they are empty, the last values
+    ThroughputMonitor logged to TensorBoard (train/device/*), so a record defect does not hide the figure."""
+    if rec.train_tokens_per_sec is not None:
+        return rec.train_tokens_per_sec, rec.train_mfu, True
+    last = lambda d: d[max(d)] if d else None  # noqa: E731
+    return (last(tb_scalars(run_dir, "train/device/items_per_sec")), last(tb_scalars(run_dir, "train/device/mfu")),
+            False)
+
+
+def record_defect(S: Summary, runs: list[str]) -> None:
+    if runs:
+        S.add("run record speed fields", "FAIL", f"empty in {', '.join(runs)} (TensorBoard has them)",
+              "train.py reads trainer.logged_metrics after trainer.test(), which starts a fresh log")
+
+
 def fmt_rate(x: float | None) -> str:
     return "-" if x is None else f"{x:,.0f}"
 
@@ -105,6 +121,9 @@ def check_env(S: Summary, work: Path, s: dict, gpu: bool) -> dict:
         from_site = str(work / "site") in env.get("hydra_from", "")
         S.add("install", "PASS" if from_site else "FAIL", f"hydra {env.get('hydra')} omegaconf {env.get('omegaconf')}",
               f"hydra imported from {env.get('hydra_from')}")
+    problem = step_problem(s, "env")
+    if problem:
+        S.add("env", "FAIL", problem)
     problem = step_problem(s, "env")
     if problem:
         S.add("env", "FAIL", problem)
@@ -181,7 +200,7 @@ def check_probe(S: Summary, work: Path, s: dict, gpu: bool) -> None:
     dec = {(r["attention"], r["batch"]): r for r in d.get("decode", [])}
     for (att, b), r in sorted(dec.items()):
         S.add(f"decode {att} b{b}", "INFO", f"{fmt_rate(r['tokens_per_sec'])} tokens/s ({r['step_ms']:.2f} ms/step)",
-              f"context {r['context']}, {r['dtype']}, {r['bytes_per_step'] / 1e6:.0f} MB read per step")
+              f"context {r['context']}, {r['dtype']}, {r['bytes_per_step'] / 1e6:.1f} MB read per step")
     big = max((b for _, b in dec), default=None)
     if big is not None and ("mha", big) in dec and ("mqa", big) in dec:
         mha, mqa = dec[("mha", big)], dec[("mqa", big)]
@@ -226,11 +245,19 @@ def check_real_run(S: Summary, work: Path, s: dict, real_steps: int, resume_step
     want = real_steps + resume_steps
     per_step = (first.tokens_seen or 0) // max(first.global_step or 1, 1)
     train = tb_scalars(run, "train/loss")
-    after = sorted(k for k in train if k > real_steps)
-    ok = resumed.global_step == want and resumed.tokens_seen == want * per_step and after
+    before, after = sorted(k for k in train if k < real_steps), sorted(k for k in train if k >= real_steps)
+    # The weights came back too: the first train/loss after the resume continues the curve (a fresh start would
+    # be back near ln(vocab)); 1.2x allows for batch-to-batch noise at batch 8.
+    continues = bool(before and after) and train[after[0]] < 1.2 * train[before[-1]]
+    ok = resumed.global_step == want and resumed.tokens_seen == want * per_step and continues
     S.add("resume from last.ckpt", "PASS" if ok else "FAIL",
           f"step {first.global_step} -> {resumed.global_step}, tokens {first.tokens_seen:,} -> {resumed.tokens_seen:,}",
-          f"train/loss logged at steps {after[0]}..{after[-1]} after the resume" if after else "no train/loss after it")
+          f"train/loss {train[before[-1]]:.3f} (step {before[-1]}) -> {train[after[0]]:.3f} (step {after[0]})"
+          if before and after else "no train/loss on both sides of the resume")
+    val_after = sorted(k for k in val if k > real_steps)
+    if val_after:
+        S.add("val/loss after resume", "INFO", f"{val[val_after[-1]]:.3f} (step {val_after[-1]})",
+              f"{val[first_steps[-1]]:.3f} at step {first_steps[-1]} before it" if first_steps else "")
 
 
 def check_speed(S: Summary, work: Path, s: dict, gpu: bool) -> None:
@@ -302,6 +329,7 @@ def main() -> None:
     result = {"device": env.get("device"), "cuda": bool(a.gpu), "batch": a.batch, "elapsed_s": total,
               "failed": len(failed), "checks": S.checks,
               "steps": s}
+    a.out.mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "summary.json").write_text(json.dumps(result, indent=1))
     width = max(len(c["check"]) for c in S.checks)
