@@ -49,9 +49,17 @@ def step_problem(s: dict, name: str) -> str | None:
         return None
     if st["rc"] == "skipped":
         return f"skipped: {st['limit']}s of the budget left"
+    if st["rc"] == "not-selected":
+        return "not selected (ONLY)"
     if st["rc"] in ("124", "137"):
         return f"timed out after {st['secs']}s (limit {st['limit']}s)"
     return f"exit {st['rc']} after {st['secs']}s (logs/{name}.log)"
+
+
+def missing(s: dict, name: str) -> str:
+    """The verdict for a step that left nothing to check: SKIP when it was not meant to run (not in ONLY, out of
+    budget, GPU-only on a CPU), else FAIL."""
+    return "SKIP" if s.get(name, {}).get("rc") in ("skipped", "not-selected", "no-gpu") else "FAIL"
 
 
 def load(path: Path) -> RunRecord | None:
@@ -124,9 +132,6 @@ def check_env(S: Summary, work: Path, s: dict, gpu: bool) -> dict:
     problem = step_problem(s, "env")
     if problem:
         S.add("env", "FAIL", problem)
-    problem = step_problem(s, "env")
-    if problem:
-        S.add("env", "FAIL", problem)
     if env:
         peak = env.get("spec_peak_bf16")
         S.add("device", "INFO", f"{env['device']}" + (f", {env['memory_gib']:.0f} GiB" if env.get("memory_gib") else ""),
@@ -146,7 +151,7 @@ def check_env(S: Summary, work: Path, s: dict, gpu: bool) -> dict:
 def check_pytest(S: Summary, work: Path, s: dict) -> None:
     xml = work / "pytest_gpu.xml"
     if not xml.exists():
-        S.add("pytest -m gpu", "FAIL", step_problem(s, "pytest_gpu") or "no junit XML")
+        S.add("pytest -m gpu", missing(s, "pytest_gpu"), step_problem(s, "pytest_gpu") or "no junit XML")
         return
     suite = ET.parse(xml).getroot()
     suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
@@ -167,7 +172,7 @@ def check_pytest(S: Summary, work: Path, s: dict) -> None:
 def check_probe(S: Summary, work: Path, s: dict, gpu: bool) -> None:
     record = load(work / "probe.json")
     if record is None:
-        S.add("attention kernels", "FAIL", step_problem(s, "probe") or "no probe.json")
+        S.add("attention kernels", missing(s, "probe"), step_problem(s, "probe") or "no probe.json")
         return
     d = record.details
     for e in d.get("errors", []):
@@ -214,7 +219,7 @@ def check_real_run(S: Summary, work: Path, s: dict, real_steps: int, resume_step
     run = work / "runs" / "real"
     first = load(work / "real_first.json")
     if first is None:
-        S.add("real corpus run", "FAIL", step_problem(s, "train_real") or "no summary.json")
+        S.add("real corpus run", missing(s, "train_real"), step_problem(s, "train_real") or "no summary.json")
         return
     val = tb_scalars(run, "val/loss")
     first_steps = sorted(k for k in val if k <= real_steps)
@@ -240,7 +245,7 @@ def check_real_run(S: Summary, work: Path, s: dict, real_steps: int, resume_step
     resumed = load(run / "summary.json")
     problem = step_problem(s, "resume")
     if problem or resumed is None or resumed is first:
-        S.add("resume from last.ckpt", "FAIL", problem or "no record")
+        S.add("resume from last.ckpt", missing(s, "resume"), problem or "no record")
         return
     want = real_steps + resume_steps
     per_step = (first.tokens_seen or 0) // max(first.global_step or 1, 1)
@@ -269,7 +274,7 @@ def check_speed(S: Summary, work: Path, s: dict, gpu: bool) -> None:
             if s.get(step_name, {}).get("rc") == "no-gpu":
                 S.add(f"lightning {name}", "SKIP", "GPU-only (torch.compile at the GPT-2 shape)")
             else:
-                S.add(f"lightning {name}", "FAIL", step_problem(s, step_name) or "no record")
+                S.add(f"lightning {name}", missing(s, step_name), step_problem(s, step_name) or "no record")
             continue
         tps, mfu, in_record = speed_of(rec, run)
         if not in_record and tps is not None:
@@ -294,7 +299,7 @@ def check_bench(S: Summary, work: Path, s: dict) -> None:
     rec = load(work / "bench.json")
     if rec is None:
         problem = step_problem(s, "bench")
-        S.add("bench entry point", "SKIP" if problem and problem.startswith("skipped") else "FAIL", problem or "no record")
+        S.add("bench entry point", missing(s, "bench"), problem or "no record")
         return
     train = rec.details.get("training_tokens_per_sec", {})
     S.add("bench entry point", "PASS", ", ".join(
