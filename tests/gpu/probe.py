@@ -31,10 +31,11 @@ from gpt_lightning.common.device import cpu_has_bf16  # noqa: E402
 from gpt_lightning.data.tokens import get_encoding  # noqa: E402
 from gpt_lightning.measure.limits import spec_peak  # noqa: E402
 from gpt_lightning.measure.sdpa_backends import accepted_backends, backends_that_ran, sdpa_inputs  # noqa: E402
-from gpt_lightning.measure.timing import time_decode  # noqa: E402
+from gpt_lightning.measure.timing import sync  # noqa: E402
 from gpt_lightning.measure.training_speed import TrainContender  # noqa: E402
 from gpt_lightning.model import GPT, kv_cache_bytes_per_token  # noqa: E402
 from gpt_lightning.model.optim import make_optimizer  # noqa: E402
+from gpt_lightning.model.sampling import stream_tokens  # noqa: E402
 from gpt_lightning.training.model_config import gpt_config_from_cfg  # noqa: E402
 from gpt_lightning.training.run_record import RunRecord  # noqa: E402
 
@@ -80,26 +81,34 @@ def train_probe(config, dtype, batch: int, steps: int, warmup: int, optim: dict,
             "spec_peak_flops": peak, "mfu_spec": tokens_per_sec * flops / peak if peak else None}
 
 
+def decode_step_seconds(model, prompt: torch.Tensor, new: int) -> float:
+    """Seconds per decode step of the public cached decode loop (`stream_tokens`, greedy): the clock starts at the
+    first yielded token, after the prefill, and stops after the last, so only the `new - 1` one-token steps
+    against the KV cache are timed."""
+    steps = stream_tokens(model, prompt, new, temperature=0)
+    next(steps)
+    sync(prompt.device)
+    start = time.perf_counter()
+    for _ in steps:
+        pass
+    sync(prompt.device)
+    return (time.perf_counter() - start) / (new - 1)
+
+
 def decode_probe(config, dtype, batches: list[int], new: int, repeats: int, device) -> list[dict]:
-    """Decode tokens/s at the end of the context: (decode of `new` tokens) - (decode of `first`) isolates the steps
-    from cache length P+first to P+new-1 (P = block_size - new), prefill excluded."""
+    """Decode tokens/s at the end of the context: a prompt of block_size - new tokens, then `new` greedy tokens,
+    so the timed steps read a KV cache of block_size - new .. block_size - 1 positions."""
     torch.manual_seed(0)
     model = GPT(config).to(device=device, dtype=dtype).eval()
-    first = min(8, new // 4)
     prompt_len = config.block_size - new
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_per_token = kv_cache_bytes_per_token(config.n_layer, config.n_kv_groups, config.head_dim, dtype)
-    mean_len = prompt_len + (first + new) / 2  # mean cache length over the timed steps
+    mean_len = prompt_len + new / 2  # mean cache length over the timed steps
     rows = []
     for b in batches:
         prompt = torch.randint(0, config.vocab_size, (b, prompt_len), device=device)
-        time_decode(model, prompt, first)  # warm-up
-        per_step = []
-        for _ in range(repeats):
-            t_long = b * new / time_decode(model, prompt, new)
-            t_short = b * first / time_decode(model, prompt, first)
-            per_step.append((t_long - t_short) / (new - first))
-        step = statistics.median(per_step)
+        decode_step_seconds(model, prompt, min(new, 8))  # warm-up
+        step = statistics.median(decode_step_seconds(model, prompt, new) for _ in range(repeats))
         rows.append({"batch": b, "context": config.block_size, "step_ms": step * 1e3, "tokens_per_sec": b / step,
                      "bytes_per_step": weights + kv_per_token * mean_len * b,
                      "kv_bytes_per_step": kv_per_token * mean_len * b, "weight_bytes": weights})
