@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import torch
@@ -23,10 +24,83 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
     return best
 
 
+# --- Spec peaks of GPUs (dense, per chip) -----------------------------------------------------------------------
+# Datasheet matmul peaks WITHOUT structured sparsity: NVIDIA's datasheets print the 2:4-sparse figure (twice the
+# dense one) with an asterisk, and Lightning 2.6.6's table copies some of those (H200 SXM 2.0e15, H100 NVL 1.98e15)
+# and has no entry at all for a plain "NVIDIA H200". MFU is always against these dense figures.
+# Keys: bf16 and fp16 (tensor cores, fp32 accumulate), tf32 (fp32 matmuls with TF32 allowed), fp32 (plain CUDA cores).
+DENSE_PEAKS: dict[str, dict[str, float]] = {
+    # H100 datasheet (nvidia.com/en-us/data-center/h100, 2023-2024), SXM5 and PCIe columns: bf16 1,979* / 1,513*
+    # TFLOP/s and tf32 989* / 756* with sparsity; fp32 67 / 51.
+    "h100-sxm": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "h100-pcie": {"bf16": 756.0e12, "fp16": 756.0e12, "tf32": 378.0e12, "fp32": 51.2e12},
+    # Same datasheet, H100 NVL column (one 94 GB card): bf16 1,671*, tf32 835*, fp32 60.
+    "h100-nvl": {"bf16": 835.5e12, "fp16": 835.5e12, "tf32": 417.5e12, "fp32": 60.0e12},
+    # H200 datasheet (nvidia.com/en-us/data-center/h200, 2024): the SXM part has the H100 SXM's rates (bf16 1,979*,
+    # tf32 989*, fp32 67); the NVL part bf16 1,671*, tf32 835*, fp32 60. GH200's GPU is the same Hopper chip at
+    # the SXM rates (GH200 datasheet: bf16 1,979*).
+    "h200": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "h200-nvl": {"bf16": 835.5e12, "fp16": 835.5e12, "tf32": 417.5e12, "fp32": 60.0e12},
+    "gh200": {"bf16": 989.4e12, "fp16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    # A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf), SXM and PCIe alike: bf16 312,
+    # tf32 156, fp32 19.5 (dense; 624* / 312* with sparsity).
+    "a100": {"bf16": 312.0e12, "fp16": 312.0e12, "tf32": 156.0e12, "fp32": 19.5e12},
+    # A10 datasheet (a10-datasheet.pdf): bf16 125 | 250*, tf32 62.5 | 125*, fp32 31.2.
+    "a10": {"bf16": 125.0e12, "fp16": 125.0e12, "tf32": 62.5e12, "fp32": 31.2e12},
+    # L4 datasheet (nvidia-l4-datasheet): bf16 242*, tf32 120*, fp32 30.3.
+    "l4": {"bf16": 121.0e12, "fp16": 121.0e12, "tf32": 60.0e12, "fp32": 30.3e12},
+    # L40 datasheet: bf16 181.05 | 362.1*, tf32 90.5 | 181*, fp32 90.5.
+    "l40": {"bf16": 181.05e12, "fp16": 181.05e12, "tf32": 90.5e12, "fp32": 90.5e12},
+    # L40S datasheet: bf16 362.05 | 733*, tf32 183 | 366*, fp32 91.6.
+    "l40s": {"bf16": 362.05e12, "fp16": 362.05e12, "tf32": 183.0e12, "fp32": 91.6e12},
+}
+
+# torch.cuda.get_device_name spellings, first match wins (so "H100 NVL" before "H100", "L40S" before "L40" before
+# "L4"): "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA H200 NVL",
+# "NVIDIA GH200 480GB", "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", "NVIDIA A10", "NVIDIA L4", ...
+_CARD_PATTERNS: tuple[tuple[str, str], ...] = (
+    (r"\bgh200\b", "gh200"),
+    (r"\bh200\b.*\bnvl\b", "h200-nvl"),
+    (r"\bh200\b", "h200"),
+    (r"\bh100\b.*\bnvl\b", "h100-nvl"),
+    (r"\bh100\b.*\b(pcie|hbm2e)\b", "h100-pcie"),
+    (r"\bh100\b", "h100-sxm"),  # "H100 80GB HBM3", "H100 SXM5": the SXM part
+    (r"\ba100\b", "a100"),
+    (r"\ba10\b", "a10"),        # not A10G: its tensor rate is not in an NVIDIA datasheet (Lightning's table has it)
+    (r"\bl40s\b", "l40s"),
+    (r"\bl40\b", "l40"),
+    (r"\bl4\b", "l4"),
+)
+
+_DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def card_of(device_name: str) -> str | None:
+    """The DENSE_PEAKS key for a CUDA device name (torch.cuda.get_device_name), or None for a card not listed."""
+    name = device_name.lower()
+    return next((card for pattern, card in _CARD_PATTERNS if re.search(pattern, name)), None)
+
+
+def dense_peak(device_name: str, dtype: torch.dtype) -> float | None:
+    """Dense spec FLOP/s of a card for matmuls in `dtype`; fp32 counts as TF32 when torch allows TF32 matmuls
+    (float32_matmul_precision other than "highest"), as Lightning does. None for a card or dtype not listed."""
+    card = card_of(device_name)
+    if card is None:
+        return None
+    key = _DTYPE_KEYS.get(dtype)
+    if dtype == torch.float32:
+        key = "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return DENSE_PEAKS[card].get(key) if key else None
+
+
 def spec_peak(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Lightning's per-GPU table of spec FLOP/s; None on CPUs and unknown chips."""
+    """Spec FLOP/s of this GPU for `dtype`: our dense table (DENSE_PEAKS) where it lists the card, else Lightning's
+    table (which lists some cards' sparse figures; ours covers those); None on CPUs and unknown chips."""
     if device.type != "cuda":
         return None
+    ours = dense_peak(torch.cuda.get_device_name(device), dtype)
+    if ours is not None:
+        return ours
     from lightning.fabric.utilities.throughput import get_available_flops
 
     return get_available_flops(device, dtype)

@@ -1,10 +1,11 @@
 """Our Lightning callbacks: text samples after each validation, a checkpoint on SIGTERM, and Lightning's
-ThroughputMonitor given an MFU peak on CPUs too. Each is configured in conf/callbacks/ (remove one with
-`~callbacks.NAME`)."""
+ThroughputMonitor given the right MFU peak (our dense GPU table, else a measured peak). Each is configured in
+conf/callbacks/ (remove one with `~callbacks.NAME`)."""
 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import lightning as L
 import torch
@@ -15,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.data.tokens import encode_prompt
-from gpt_lightning.measure.limits import matmul_peak
+from gpt_lightning.measure.limits import matmul_peak, spec_peak
 from gpt_lightning.model.sampling import check_sampling
 
 log = logging.getLogger(__name__)
@@ -31,18 +32,26 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 
 class MFUThroughputMonitor(ThroughputMonitor):
-    """Lightning's ThroughputMonitor, with MFU on CPUs too: where Lightning has no spec peak for the device
-    (every CPU, unknown GPUs), the peak is this device's measured dense-matmul rate in the training dtype."""
+    """Lightning's ThroughputMonitor with MFU against the right peak: on a GPU in our dense spec table
+    (measure/limits.py DENSE_PEAKS) that figure, not Lightning's (which misses the H200 and lists sparse peaks for
+    some cards); on GPUs in neither table and on every CPU, this device's measured dense-matmul rate in the
+    training dtype."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if self.available_flops is None:
-            self.available_flops = matmul_peak(trainer.strategy.root_device, compute_dtype(trainer.precision),
-                                               n=1024, repeats=3)
-            # Lightning private API (no public setter): the Throughput objects that setup() just built copied
-            # available_flops=None. Pinned by tests/test_lightning_internals.py.
-            for throughput in self._throughputs.values():
-                throughput.available_flops = self.available_flops
+        device, dtype = trainer.strategy.root_device, compute_dtype(trainer.precision)
+        ours = spec_peak(device, dtype) if device.type == "cuda" else None
+        with warnings.catch_warnings():
+            if ours is not None:  # Lightning would warn "FLOPs not found" for a card our table knows (the H200)
+                warnings.filterwarnings("ignore", message="FLOPs not found")
+            super().setup(trainer, pl_module, stage)
+        if ours is not None:
+            self.available_flops = ours
+        elif self.available_flops is None:
+            self.available_flops = matmul_peak(device, dtype, n=1024, repeats=3)
+        # Lightning private API (no public setter): the Throughput objects that setup() just built copied
+        # Lightning's available_flops. Pinned by tests/test_lightning_internals.py.
+        for throughput in self._throughputs.values():
+            throughput.available_flops = self.available_flops
 
 
 def batch_size(batch) -> int:

@@ -1,0 +1,194 @@
+"""Attention kernels, training step time and decode speed for MHA, GQA and MQA at one shape, in one process.
+
+    python tests/gpu/probe.py OUT.json [--kv 12,4,1] [--steps N] [--decode-batches 1,64] [hydra overrides...]
+
+The shape comes from the project's own config (e.g. `model=gpt2 data.batch_size=32`); each `--kv` value is a
+variant (G = n_heads is MHA, 1 is MQA). For every variant and training dtype (bf16 autocast where the device has
+it, and fp32):
+- which SDPA backends accept the training-shape q/k/v alone (forward + backward), with torch's reason for a refusal;
+- which backend(s) the model's own training step dispatched to (profiler, aten op names);
+- training tokens/s and step time of the bare loop (fused AdamW, clipping), MFU against the card's dense spec peak.
+Then decode tokens/s per variant and batch size at the end of the context (the last `--decode-new` positions of
+block_size), prefill excluded, with the bytes one decode step must read (weights + KV cache).
+Writes a run record (kind "bench", the tables under `details`) after every variant, so a timeout keeps what ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from gpt_lightning.common.device import cpu_has_bf16  # noqa: E402
+from gpt_lightning.data.tokens import get_encoding  # noqa: E402
+from gpt_lightning.measure.limits import spec_peak  # noqa: E402
+from gpt_lightning.measure.sdpa_backends import accepted_backends, backends_that_ran, sdpa_inputs  # noqa: E402
+from gpt_lightning.measure.timing import sync  # noqa: E402
+from gpt_lightning.measure.training_speed import TrainContender  # noqa: E402
+from gpt_lightning.model import GPT, kv_cache_bytes_per_token  # noqa: E402
+from gpt_lightning.model.optim import make_optimizer  # noqa: E402
+from gpt_lightning.model.sampling import stream_tokens  # noqa: E402
+from gpt_lightning.training.model_config import gpt_config_from_cfg  # noqa: E402
+from gpt_lightning.training.run_record import RunRecord  # noqa: E402
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def variant_config(cfg, kv: int, vocab: int):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(cfg, {"attention": {"type": "gqa", "kv_groups": kv}})  # gqa spans MHA..MQA by count
+    return gpt_config_from_cfg(cfg, vocab)
+
+
+def train_probe(config, dtype, batch: int, steps: int, warmup: int, optim: dict, clip: float, device) -> dict:
+    """SDPA acceptance at this shape, the backend(s) a training step ran, and bare-loop step time."""
+    T, hd = config.block_size, config.head_dim
+    q, k, v = sdpa_inputs(batch, config.n_head, config.n_kv_groups, T, hd, dtype, device)
+    accepted = accepted_backends(q, k, v)
+    del q, k, v
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    opt = make_optimizer(model, optim, fused=device.type in ("cuda", "cpu"))
+    x = torch.randint(0, config.vocab_size, (batch, T), device=device)
+    contender = TrainContender("probe", model, opt, x, torch.roll(x, -1, 1),
+                               autocast_dtype=dtype if dtype != torch.float32 else None, clip=clip)
+    contender.run(warmup)
+    ran = backends_that_ran(contender.step)
+    rates = [contender.run(steps) for _ in range(2)]
+    tokens_per_sec = max(rates)  # best of two: the floor of this step's time, as the spec peak is a ceiling
+    peak = spec_peak(device, dtype)
+    flops = model.flops_per_token(T)
+    del contender, model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"accepted": accepted, "ran": ran, "tokens_per_sec": tokens_per_sec,
+            "step_ms": batch * T / tokens_per_sec * 1e3, "flops_per_token": flops,
+            "spec_peak_flops": peak, "mfu_spec": tokens_per_sec * flops / peak if peak else None}
+
+
+def decode_step_seconds(model, prompt: torch.Tensor, new: int) -> float:
+    """Seconds per decode step of the public cached decode loop (`stream_tokens`, greedy): the clock starts at the
+    first yielded token, after the prefill, and stops after the last, so only the `new - 1` one-token steps
+    against the KV cache are timed."""
+    steps = stream_tokens(model, prompt, new, temperature=0)
+    next(steps)
+    sync(prompt.device)
+    start = time.perf_counter()
+    for _ in steps:
+        pass
+    sync(prompt.device)
+    return (time.perf_counter() - start) / (new - 1)
+
+
+def decode_probe(config, dtype, batches: list[int], new: int, repeats: int, device) -> list[dict]:
+    """Decode tokens/s at the end of the context: a prompt of block_size - new tokens, then `new` greedy tokens,
+    so the timed steps read a KV cache of block_size - new .. block_size - 1 positions."""
+    torch.manual_seed(0)
+    model = GPT(config).to(device=device, dtype=dtype).eval()
+    prompt_len = config.block_size - new
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_per_token = kv_cache_bytes_per_token(config.n_layer, config.n_kv_groups, config.head_dim, dtype)
+    mean_len = prompt_len + new / 2  # mean cache length over the timed steps
+    rows = []
+    for b in batches:
+        prompt = torch.randint(0, config.vocab_size, (b, prompt_len), device=device)
+        decode_step_seconds(model, prompt, min(new, 8))  # warm-up
+        step = statistics.median(decode_step_seconds(model, prompt, new) for _ in range(repeats))
+        rows.append({"batch": b, "context": config.block_size, "step_ms": step * 1e3, "tokens_per_sec": b / step,
+                     "bytes_per_step": weights + kv_per_token * mean_len * b,
+                     "kv_bytes_per_step": kv_per_token * mean_len * b, "weight_bytes": weights})
+        del prompt
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out")
+    ap.add_argument("--kv", default="12,4,1", help="KV-head counts (variants); n_heads is MHA, 1 is MQA")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--decode-batches", default="1,64")
+    ap.add_argument("--decode-new", type=int, default=64)
+    ap.add_argument("--decode-repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=None, help="training batch (default: data.batch_size)")
+    ap.add_argument("--dtypes", default="bf16,fp32", help="training dtypes to probe (bf16 only where native)")
+    args, overrides = ap.parse_known_args()
+    from omegaconf import OmegaConf
+
+    cfg = compose(overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+    wanted = args.dtypes.split(",")
+    dtypes = ([torch.bfloat16] if bf16 and "bf16" in wanted else []) + ([torch.float32] if "fp32" in wanted else [])
+    decode_dtype = torch.bfloat16 if device.type == "cuda" and bf16 else torch.float32
+    vocab = get_encoding(cfg.data.encoding).n_vocab
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    batch = args.batch or cfg.data.batch_size
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    details = {"shape": {"n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd, "n_head": cfg.attention.n_heads,
+                         "block_size": cfg.model.block_size, "batch_size": batch, "vocab": vocab},
+               "torch": torch.__version__, "training": [], "decode": [], "errors": []}
+    record = RunRecord(kind="bench", device=name, encoding=cfg.data.encoding, details=details,
+                       precision="bf16-mixed" if bf16 else "32-true")
+    for kv in (int(k) for k in args.kv.split(",")):
+        config = variant_config(cfg, kv, vocab)
+        for dtype in dtypes:
+            label = f"{config.attention} kv={kv} {'bf16' if dtype == torch.bfloat16 else 'fp32'}"
+            started = time.perf_counter()
+            try:
+                row = train_probe(config, dtype, batch, args.steps, args.warmup, optim,
+                                  cfg.trainer.gradient_clip_val, device)
+                details["training"].append({"attention": config.attention, "kv_groups": kv,
+                                            "dtype": str(dtype).removeprefix("torch."), **row})
+                print(f"{label}: ran {row['ran']}, {row['tokens_per_sec']:.0f} tokens/s, {row['step_ms']:.1f} ms/step,"
+                      f" accepted {[b for b, why in row['accepted'].items() if why is None]}"
+                      f" ({time.perf_counter() - started:.1f}s)", flush=True)
+            except Exception as e:  # one variant's failure (OOM, a kernel error) must not hide the others
+                details["errors"].append(f"train {label}: {type(e).__name__}: {str(e)[:300]}")
+                traceback.print_exc()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # after an OOM too: the failed step's tensors are gone with its frames
+            record.save(args.out)
+        started = time.perf_counter()
+        try:
+            rows = decode_probe(config, decode_dtype, [int(b) for b in args.decode_batches.split(",")],
+                                min(args.decode_new, config.block_size // 2), args.decode_repeats, device)
+            for r in rows:
+                details["decode"].append({"attention": config.attention, "kv_groups": kv,
+                                          "dtype": str(decode_dtype).removeprefix("torch."), **r})
+                print(f"decode {config.attention} kv={kv} b{r['batch']}: {r['tokens_per_sec']:.0f} tokens/s, "
+                      f"{r['step_ms']:.2f} ms/step, {r['bytes_per_step'] / 1e6:.0f} MB/step", flush=True)
+            print(f"  ({time.perf_counter() - started:.1f}s)", flush=True)
+        except Exception as e:
+            details["errors"].append(f"decode {config.attention} kv={kv}: {type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        record.save(args.out)
+    if device.type == "cuda":
+        details["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    record.save(args.out)
+    print(f"wrote {args.out}")
+    sys.exit(1 if details["errors"] else 0)
+
+
+if __name__ == "__main__":
+    main()
