@@ -19,7 +19,7 @@ def _fmt(v) -> str:
         return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.4f}"
     if isinstance(v, int):
         return f"{v:,}"
-    return str(v)
+    return str(v).replace("|", "\\|").replace("\n", " ")  # a reason inside a markdown table cell
 
 
 def plot(rows: list[dict], out: Path) -> list[str]:
@@ -44,7 +44,7 @@ def plot(rows: list[dict], out: Path) -> list[str]:
         for r in rows:
             if r["val_curve"]:
                 steps, values = zip(*r["val_curve"])
-                ax.plot(steps, values, marker=".", label=f"{r['run']} ({r['attention']}, G={r['kv_groups']})")
+                ax.plot(steps, values, marker=".", label=f"{r['run']} ({r.get('attention')}, G={r.get('kv_groups')})")
         ax.legend(fontsize=7)
 
     def quality(ax):
@@ -55,7 +55,8 @@ def plot(rows: list[dict], out: Path) -> list[str]:
                 ax.annotate(f"G={r['kv_groups']}", point, fontsize=8, xytext=(4, 4), textcoords="offset points")
 
     def speed(ax):
-        timed = sorted((r for r in rows if r.get("decode_tokens_per_sec")), key=lambda r: r["kv_groups"])
+        timed = sorted((r for r in rows if r.get("decode_tokens_per_sec") and isinstance(r.get("kv_groups"), int)),
+                       key=lambda r: r["kv_groups"])
         ax.plot([r["kv_groups"] for r in timed], [r["decode_tokens_per_sec"] for r in timed], marker="o")
 
     return [
@@ -67,6 +68,15 @@ def plot(rows: list[dict], out: Path) -> list[str]:
     ]
 
 
+def _read(run: Path, root: Path) -> dict:
+    """read_run, and a row naming the reason when even that fails: one bad run never stops the report."""
+    try:
+        return read_run(run, root)
+    except Exception as e:
+        return {"run": str(run.relative_to(root)) or ".", "status": f"unreadable ({type(e).__name__}: {e})",
+                "val_curve": []}
+
+
 def compare(root: Path, out: Path | None = None) -> list[dict]:
     root = root.expanduser().resolve()
     if not root.is_dir():
@@ -76,7 +86,7 @@ def compare(root: Path, out: Path | None = None) -> list[dict]:
         raise UserError(f"no runs under {root}: expected run directories with .hydra/, tb/ or summary.json")
     out = (out or root).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    rows = [read_run(r, root) for r in runs]
+    rows = [_read(r, root) for r in runs]
     with open(out / "comparison.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
