@@ -81,6 +81,11 @@ def test_each_range_or_consistency_rule_is_one_line(override, message):
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
+def test_a_value_left_unset_is_one_line():
+    with pytest.raises(UserError, match=r"^init_from must be set \(the config leaves it as \?\?\?\): add init_from=\.\.\.$"):
+        check_config(cfg(*DEBUG, "init_from=???"))
+
+
 def test_data_block_size_follows_the_model_unless_set():
     c = cfg(*DEBUG, "model.block_size=48")
     assert c.data.block_size == 48 and check_config(c).block_size == 48

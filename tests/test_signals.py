@@ -50,6 +50,18 @@ def test_a_first_signal_inside_a_step_asks_lightning_to_stop_at_the_boundary(sig
     assert f"{name} received: finishing this step, then saving last.ckpt" in capfd.readouterr().err
 
 
+def test_a_signal_to_a_forked_dataloader_worker_does_not_count_in_the_parent():
+    with SignalGuard(fake_trainer(), None, "resume") as guard:
+        pid = os.fork()
+        if pid == 0:  # a DataLoader worker gets Ctrl-C too: the whole process group does
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        time.sleep(0.3)
+        assert guard.count == 0
+
+
 def test_a_first_signal_outside_lightnings_loops_stops_there():
     with pytest.raises(SIGTERMException):
         with SignalGuard(fake_trainer(stage=None), None, "resume"):

@@ -44,8 +44,10 @@ def plot(rows: list[dict], out: Path) -> list[str]:
         for r in rows:
             if r["val_curve"]:
                 steps, values = zip(*r["val_curve"])
-                ax.plot(steps, values, marker=".", label=f"{r['run']} ({r.get('attention')}, G={r.get('kv_groups')})")
-        ax.legend(fontsize=7)
+                ax.plot(steps, values, marker=".",
+                        label=f"{r['run']} ({r.get('attention')}, G={r.get('kv_groups')})")
+        if ax.lines:  # runs that never validated draw no curve
+            ax.legend(fontsize=7)
 
     def quality(ax):
         for r in rows:

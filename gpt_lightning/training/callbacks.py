@@ -1,6 +1,6 @@
 """Our Lightning callbacks: text samples after each validation, a checkpoint on SIGTERM/SIGINT, ModelCheckpoint
-tracking only this run's directory, and Lightning's ThroughputMonitor given an MFU peak on CPUs too. Each is configured in conf/callbacks/ (remove one with
-`~callbacks.NAME`)."""
+tracking only this run's directory, and Lightning's ThroughputMonitor given an MFU peak on CPUs too. Each is
+configured in conf/callbacks/ (remove one with `~callbacks.NAME`)."""
 
 from __future__ import annotations
 

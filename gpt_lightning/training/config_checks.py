@@ -101,11 +101,27 @@ def check_trainer(t: dict) -> None:
                         f"use trainer.devices={torch.cuda.device_count()} or trainer.devices=auto")
 
 
+def _missing(node, prefix: str = "") -> list[str]:
+    """Keys whose value is Hydra's `???` (found without resolving any interpolation)."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(node))
+    else:
+        return [prefix.rstrip(".")] if node == "???" else []
+    return [k for key, value in items if not (prefix == "" and key == "hydra")
+            for k in _missing(value, f"{prefix}{key}." if not str(key).startswith("[") else f"{prefix[:-1]}{key}.")]
+
+
 def check_config(cfg) -> GPTConfig:
     """Check a composed train/prepare/bench config; return the model shape it describes. Raises UserError."""
     from gpt_lightning.data.tokens import get_encoding
 
     check_known_keys(cfg)  # `+foo=1`: Hydra's `+` adds keys past the schema
+    missing = _missing(OmegaConf.to_container(cfg, resolve=False))
+    if missing:  # `???` in a preset, e.g. experiment=uptrain_gqa's init_from
+        raise UserError(f"{', '.join(missing)} must be set (the config leaves {'them' if len(missing) > 1 else 'it'} "
+                        f"as ???): add {' '.join(f'{k}=...' for k in missing)}")
     check_data(cfg.data, cfg.model.block_size)
     check_optim(cfg.optim)
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)

@@ -145,6 +145,20 @@ class SignalGuard:
         return "none (nothing to resume: start again without ckpt_path)"
 
 
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) inherits the wakeup fd: its signals (Ctrl-C reaches the whole process
+    group) would reach the parent's watchdog and count as a second signal. The child keeps the handler, which only
+    sets a flag on its own copy of the trainer."""
+    if _active is not None and _active._watchdog is not None:
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:  # forked from a thread other than the main one
+            pass
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def _say(message: str) -> None:
     """Write to stderr without Python's buffered streams (safe from a signal handler or another thread)."""
     try:
