@@ -32,6 +32,8 @@ from gpt_lightning.measure.timing import summarize, time_decode
 from gpt_lightning.measure.training_speed import TrainContender
 from gpt_lightning.model import GPT, kv_cache_bytes_per_token
 from gpt_lightning.model.optim import make_optimizer
+from gpt_lightning.training.config_checks import check_bench, check_config
+from gpt_lightning.training.config_errors import one_line_config_errors
 from gpt_lightning.training.model_config import gpt_config_from_cfg
 from gpt_lightning.training.run_record import RunRecord
 
@@ -67,6 +69,8 @@ def lightning_tokens_per_sec(cfg: DictConfig, steps: int, warmup: int, precision
 
 
 def bench(cfg: DictConfig) -> RunRecord:
+    check_config(cfg)  # the model/data/trainer keys, as train checks them
+    check_bench(cfg.bench)
     b = cfg.bench
     keep_freed_memory()
     torch.manual_seed(cfg.seed)
@@ -221,6 +225,7 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+@one_line_config_errors
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     with exits_on_user_error():

@@ -14,9 +14,12 @@ from gpt_lightning.common.cli import exits_on_user_error
 from gpt_lightning.common.device import keep_freed_memory, pick_device
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.measure.evaluation import evaluate_checkpoint
+from gpt_lightning.training.config_errors import one_line_config_errors
+from gpt_lightning.training.schema import check_known_keys
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
+    check_known_keys(cfg)
     if not cfg.ckpt_path:
         raise UserError("ckpt_path is required: python -m gpt_lightning.evaluate ckpt_path=PATH")
     d = cfg.decode
@@ -37,6 +40,7 @@ def print_table(result: dict) -> None:
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
 
 
+@one_line_config_errors
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     keep_freed_memory()

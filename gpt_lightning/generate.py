@@ -16,10 +16,13 @@ from gpt_lightning.common.errors import UserError
 from gpt_lightning.data.tokens import encode_prompt, get_encoding
 from gpt_lightning.model.sampling import check_sampling, stream_tokens
 from gpt_lightning.training.checkpoints import load_gpt
+from gpt_lightning.training.config_errors import one_line_config_errors
+from gpt_lightning.training.schema import check_known_keys
 
 
 def generate(cfg: DictConfig, out=sys.stdout) -> list[int]:
     """Write the prompt, then each new token's text as soon as it is complete UTF-8; return the new ids."""
+    check_known_keys(cfg)
     if not cfg.ckpt_path:
         raise UserError("ckpt_path is required: python -m gpt_lightning.generate ckpt_path=PATH prompt=\"...\"")
     if cfg.max_new_tokens < 0:
@@ -64,6 +67,7 @@ def quote_prompt_override(args: list[str]) -> list[str]:
     return fixed
 
 
+@one_line_config_errors
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def _main(cfg: DictConfig) -> None:
     keep_freed_memory()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import signal
 import sys
 from dataclasses import asdict
@@ -12,46 +13,34 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_original_cwd, instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from gpt_lightning.common.cli import exits_on_user_error
-from gpt_lightning.common.device import keep_freed_memory, resolve_precision, uses_cuda
+from gpt_lightning.common.device import keep_freed_memory, resolve_precision
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.measure.memory import peak_memory
 from gpt_lightning.measure.timing import end_of_run_decode
+from gpt_lightning.training import uptrain
+from gpt_lightning.training.checkpoint_io import AtomicCheckpointIO, remove_partial_checkpoints
 from gpt_lightning.training.checkpoints import init_state_from, load_checkpoint
+from gpt_lightning.training.config_checks import check_config
+from gpt_lightning.training.config_errors import one_line_config_errors
 from gpt_lightning.training.divergence import TrainingDiverged, stop_diverged
 from gpt_lightning.training.hparams import log_hparams_end, log_hparams_start
 from gpt_lightning.training.loggers import build_loggers
 from gpt_lightning.training.model_config import gpt_config_from_cfg
 from gpt_lightning.training.module import GPTLightningModule
 from gpt_lightning.training.run_dirs import one_ddp_job, pin_ddp_children_to_this_job, resolve_ckpt_path
-from gpt_lightning.training.run_record import TRAIN_RECORD, RunRecord
-from gpt_lightning.training import uptrain
+from gpt_lightning.training.run_record import TRAIN_RECORD, RecordError, RunRecord
 from gpt_lightning.training.search import check_hparams_search, run_objective
+from gpt_lightning.training.signals import SignalGuard, Stopped
 
 log = logging.getLogger(__name__)
-
-
-def check_schedule(trainer_args: dict) -> None:
-    """The cosine schedule spans the run, so the run needs an end."""
-    if (trainer_args.get("max_steps") or -1) < 0 and (trainer_args.get("max_epochs") or -1) < 0:
-        raise UserError("trainer.max_steps=-1 with trainer.max_epochs=-1 never ends, and the learning-rate schedule "
-                        "spans the run: set trainer.max_steps (e.g. 3000) or trainer.max_epochs")
-
-
-def check_devices(trainer_args: dict) -> None:
-    """Refuse device requests this machine cannot meet before anything starts, naming the value."""
-    accelerator, devices = str(trainer_args.get("accelerator", "auto")), trainer_args.get("devices", 1)
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserError(f"trainer.accelerator={accelerator} but no CUDA GPU is visible here; "
-                        f"use trainer.accelerator=cpu (or auto)")
-    if isinstance(devices, int) and uses_cuda(accelerator) and devices > torch.cuda.device_count():
-        raise UserError(f"trainer.devices={devices} but only {torch.cuda.device_count()} GPU(s) are visible; "
-                        f"use trainer.devices={torch.cuda.device_count()} or trainer.devices=auto")
 
 
 def check_resume(ckpt_path: str | None, config) -> None:
@@ -84,6 +73,33 @@ def train_record(trainer: L.Trainer, module: GPTLightningModule, metrics: dict, 
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", details=details or {})
 
 
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run: its own overrides, ckpt_path=last, its directory (a multirun's job
+    resumes as a single run)."""
+    hc = HydraConfig.get()
+    keep = [o for o in hc.overrides.task if o.lstrip("+~").split("=", 1)[0] not in ("ckpt_path", "hydra.mode")]
+    single = ["hydra.mode=RUN"] if hc.mode == RunMode.MULTIRUN else []
+    return shlex.join(["python", "-m", "gpt_lightning.train", *keep, "ckpt_path=last", f"hydra.run.dir={run_dir}",
+                       *single])
+
+
+def instantiate_group(name: str, group) -> list:
+    """Instantiate each `_target_` entry of the callbacks/logger group; a bad entry is one line naming it."""
+    objects = []
+    for key, entry in group.items():
+        if entry is None:
+            continue
+        try:
+            objects.append(instantiate(entry))
+        except InstantiationException as e:
+            if isinstance(e.__cause__, UserError):
+                raise e.__cause__ from None
+            reason = str(e.__cause__ or e).strip().splitlines()[-1]
+            raise UserError(f"{name}.{key} ({entry.get('_target_')}) cannot be built: {reason}; "
+                            f"check its keys, or drop it with ~{name}.{key}") from None
+    return objects
+
+
 def study_home(run_dir: Path) -> Path:
     """Where `uptrain.parent=train` puts the parent: the sweep directory (shared by its jobs), else the run's."""
     hc = HydraConfig.get()
@@ -92,6 +108,7 @@ def study_home(run_dir: Path) -> Path:
 
 def train(cfg: DictConfig) -> dict:
     """Train, test on the test split with the best checkpoint, write the run record; return the final metrics."""
+    check_config(cfg)  # every range and consistency rule (and the memory a step needs), before any work
     keep_freed_memory()
     up = uptrain.check(cfg)  # bad uptrain.* settings: one line, before any work
     L.seed_everything(cfg.seed, workers=True)
@@ -111,7 +128,7 @@ def train(cfg: DictConfig) -> dict:
     if plan.loads_weights:  # weights only: a checkpoint (KV heads pooled if it has more) or hf:FOLDER
         module.model.load_state_dict(init_state_from(init_from, gpt_config, cfg.data.encoding, plan.method))
 
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks = instantiate_group("callbacks", cfg.callbacks)
     loggers = build_loggers(cfg.logger)  # one or several: logger=[tensorboard,csv]
     pin_ddp_children_to_this_job()
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -120,39 +137,47 @@ def train(cfg: DictConfig) -> dict:
         interval = trainer_args.get("val_check_interval")
         if isinstance(interval, int) and plan.max_steps and interval > plan.max_steps:
             trainer_args["val_check_interval"] = plan.max_steps  # at least one validation, at the end
-    check_devices(trainer_args)
-    if not plan.evaluate_only:
-        check_schedule(trainer_args)
     precision = trainer_args["precision"] = resolve_precision(trainer_args.get("precision", "auto"),
                                                               trainer_args.get("accelerator", "auto"))
-    trainer = L.Trainer(**trainer_args, callbacks=callbacks, logger=loggers, default_root_dir=run_dir)
+    # Checkpoints are written beside their target and renamed over it, wherever $TMPDIR is.
+    trainer = L.Trainer(**trainer_args, callbacks=callbacks, logger=loggers, default_root_dir=run_dir,
+                        plugins=[AtomicCheckpointIO()])
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.dirpath and rank_zero_only.rank == 0:
+        remove_partial_checkpoints(checkpoint.dirpath)  # saves killed mid-write in an earlier process
     log.info("model: %.2fM parameters, %d layers x %d (MLP %d), attention=%s (%d heads, %d KV heads), precision %s",
              module.model.num_params(non_embedding=False) / 1e6, gpt_config.n_layer, gpt_config.n_embd,
              gpt_config.hidden, gpt_config.attention, gpt_config.n_head, gpt_config.n_kv_groups, precision)
 
     log_hparams_start(trainer, gpt_config, optim["lr"])
-    checkpoint = trainer.checkpoint_callback
-    if plan.evaluate_only:  # alpha = 0: the converted model as is (Lightning cannot fit 0 steps)
-        trainer.validate(module, datamodule=datamodule)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        best, best_val, fit_logged = "", metrics.get("val/loss"), {}
-        if checkpoint is not None:  # so evaluate/generate/init_from work on it (every rank calls; rank 0 writes)
-            trainer.save_checkpoint(Path(checkpoint.dirpath) / "last.ckpt")
-    else:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        fit_logged = {k: float(v) for k, v in trainer.logged_metrics.items()}  # test() starts a fresh log
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # val/* of the last validation
-        best = checkpoint.best_model_path if checkpoint is not None else ""
-        best_val = (float(checkpoint.best_model_score)
-                    if checkpoint is not None and checkpoint.best_model_score is not None else None)
-        if plan.alpha is not None:  # a study arm is judged on its final weights (the paper's uptrained model)
-            interval = trainer_args.get("val_check_interval")
-            if not isinstance(interval, int) or trainer.global_step % interval:  # last step not yet validated
+    with SignalGuard(trainer, checkpoint.dirpath if checkpoint else None, resume_command(run_dir)) as guard:
+        try:
+            if plan.evaluate_only:  # alpha = 0: the converted model as is (Lightning cannot fit 0 steps)
                 trainer.validate(module, datamodule=datamodule)
-                metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-            best = ""
-            best_val = min((v for v in (best_val, metrics.get("val/loss")) if v is not None), default=None)
-    trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+                metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+                best, best_val, fit_logged = "", metrics.get("val/loss"), {}
+                if checkpoint is not None:  # so evaluate/generate/init_from work on it (every rank calls; rank 0 writes)
+                    trainer.save_checkpoint(Path(checkpoint.dirpath) / "last.ckpt")
+            else:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+                fit_logged = {k: float(v) for k, v in trainer.logged_metrics.items()}  # test() starts a fresh log
+                metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # val/* of the last validation
+                best = checkpoint.best_model_path if checkpoint is not None else ""
+                best_val = (float(checkpoint.best_model_score)
+                            if checkpoint is not None and checkpoint.best_model_score is not None else None)
+                if plan.alpha is not None:  # a study arm is judged on its final weights (the paper's uptrained model)
+                    interval = trainer_args.get("val_check_interval")
+                    if not isinstance(interval, int) or trainer.global_step % interval:  # last step not yet validated
+                        trainer.validate(module, datamodule=datamodule)
+                        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+                    best = ""
+                    best_val = min((v for v in (best_val, metrics.get("val/loss")) if v is not None), default=None)
+            trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        except SIGTERMException:
+            signum = guard.first or signal.SIGTERM
+            raise Stopped(signum, f"stopped by {signal.Signals(signum).name} at step {trainer.global_step}; "
+                                  f"last checkpoint: {guard.last_checkpoint()}; resume with: "
+                                  f"{guard.resume_command}") from None
 
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if trainer.is_global_zero:
@@ -167,19 +192,59 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
+def log_to_file(level: int, message: str, exc_info=None) -> None:
+    """Into train.log (Hydra's job log file) only: the console gets its own line."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(logging.LogRecord(__name__, level, __file__, 0, message, None, exc_info))
+            handler.flush()
+
+
+def record_failure(run_dir: Path, error: Exception, to_log: bool) -> str:
+    """A failed run says so in its run record (compare lists it with the reason) and, with `to_log`, in train.log
+    (with the traceback of a crash). A complete record already there (a failed attempt to resume a finished run)
+    is kept. Returns the one-line reason."""
+    message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+    if rank_zero_only.rank != 0:
+        return message
+    if to_log:
+        log_to_file(logging.ERROR, f"error: {message}",
+                    None if isinstance(error, UserError) else (type(error), error, error.__traceback__))
+    path = run_dir / TRAIN_RECORD
+    try:
+        if path.exists() and RunRecord.load(path).status != "failed":
+            return message
+    except RecordError:  # unreadable: not ours to replace
+        return message
+    RunRecord(kind="train", status="failed", error=message).save(path)
+    return message
+
+
+@one_line_config_errors
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    with exits_on_user_error():
-        try:
-            with one_ddp_job():
-                train(cfg)
-        except SIGTERMException:  # preempted: say so to the scheduler (a bare SystemExit would exit 0)
-            print("stopped by SIGTERM; resume with ckpt_path=last and this run's hydra.run.dir", file=sys.stderr)
-            sys.exit(128 + signal.SIGTERM)
-        except TrainingDiverged as e:  # NaN/inf loss: one line; a sweep records a failed trial and goes on
-            return stop_diverged(e, multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        with one_ddp_job():
+            train(cfg)
+    except Stopped as stop:  # a signal: checkpointed at the step boundary (or nothing to save yet)
+        log_to_file(logging.INFO, stop.message)
+        print(stop.message, file=sys.stderr)
+        raise
+    except TrainingDiverged as e:  # NaN/inf loss: one line; a sweep records a failed trial and goes on
+        return stop_diverged(e, multirun=multirun)
+    except Exception as e:  # bad input (UserError) or a crash
+        # exits_on_user_error puts a single run's UserError line into train.log itself
+        message = record_failure(run_dir, e, to_log=multirun or not isinstance(e, UserError))
+        if multirun:  # the sweep goes on; SweepGuard lists the failed jobs at the end
+            print(f"error: job {hc.job.num} failed ({run_dir}): {message}", file=sys.stderr)
+            return float("nan")
+        with exits_on_user_error():  # UserError: one line, exit 2; anything else: its traceback
+            raise
     # What a Hydra sweeper minimises: best val bpb (else best val loss) from the run record train wrote.
-    return run_objective(HydraConfig.get().runtime.output_dir)
+    return run_objective(run_dir)
 
 
 if __name__ == "__main__":

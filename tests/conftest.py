@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import gpt_lightning.training.model_config  # noqa: F401  (config schemas and resolvers, for hydra.compose)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 

@@ -14,6 +14,8 @@ from conftest import REPO, TRAIN_ENV, run_train, train_command
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gpt_lightning.training.run_record import RunRecord
+
 pytestmark = pytest.mark.slow  # subprocess runs of the real entry points
 
 
@@ -167,3 +169,149 @@ def test_slurm_launcher_gets_the_node_and_task_counts():
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
     assert launcher.partition == "gpu" and launcher.additional_parameters.signal == "USR1@120"
     assert (cfg.trainer.num_nodes, cfg.trainer.strategy) == (2, "ddp")
+
+
+# ---- issue 12: signals, memory, moved checkpoints, sweeps with bad jobs, typed configs ----
+
+def test_sigint_checkpoints_at_the_step_boundary_and_prints_the_resume_command(corpus, tmp_path):
+    import shlex
+    import sys
+
+    proc = subprocess.Popen(command(corpus, "hydra.run.dir=run", "trainer.max_steps=100000",
+                                    "trainer.val_check_interval=5"),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TRAIN_ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C in a terminal
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # past the periodic checkpoint
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, out[-3000:]
+    saved = re.search(r"SIGINT: saved (\S+) at step (\d+)", out)
+    assert saved and Path(saved[1]) == last.resolve() and step_of(last) == int(saved[2]) > 5
+    resume = re.search(r"stopped by SIGINT at step \d+; last checkpoint: \S+ \(step \d+\); resume with: (.+)", out)
+    assert resume, out[-3000:]
+    args = shlex.split(resume[1])
+    assert args[:3] == ["python", "-m", "gpt_lightning.train"] and args[-2:] == ["ckpt_path=last",
+                                                                                f"hydra.run.dir={tmp_path / 'run'}"]
+    stale = last.parent / ".last.ckpt.abcd1234.partial"  # what a save killed mid-write leaves
+    stale.write_bytes(b"x" * 1000)
+    end = int(saved[2]) + 2
+    r = subprocess.run([sys.executable, *[a for a in args[1:] if not a.startswith("trainer.max_steps=")],
+                        f"trainer.max_steps={end}"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env=TRAIN_ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Restored all states" in r.stdout + r.stderr and step_of(last) == end
+    assert not stale.exists()
+
+
+def test_a_shape_that_cannot_fit_in_memory_is_refused_before_any_work(corpus, tmp_path):
+    r = train(corpus, tmp_path, "hydra.run.dir=run", "model.block_size=10000000")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: model.block_size=10000000 with data.batch_size=8") and "GiB" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resuming_a_checkpoint_whose_run_was_moved_tracks_best_and_last_in_the_new_run(corpus, tmp_path):
+    r = train(corpus, tmp_path, "hydra.run.dir=orig", "trainer.max_steps=4", "trainer.val_check_interval=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (tmp_path / "orig").rename(tmp_path / "moved")  # best_model_path inside the checkpoint points into orig/
+    moved = tmp_path / "moved" / "checkpoints" / "last.ckpt"
+    finished = train(corpus, tmp_path, "hydra.run.dir=again", f"ckpt_path={moved}", "trainer.max_steps=4",
+                     "trainer.val_check_interval=2")
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "FileNotFoundError" not in finished.stderr
+    assert RunRecord.load(tmp_path / "again" / "summary.json").status == "complete"
+    more = train(corpus, tmp_path, "hydra.run.dir=more", f"ckpt_path={moved}", "trainer.max_steps=6",
+                 "trainer.val_check_interval=2")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "more" / "checkpoints").iterdir()) == ["best-step=6.ckpt", "last.ckpt"]
+    assert step_of(tmp_path / "more" / "checkpoints" / "last.ckpt") == 6
+    assert sorted(p.name for p in (tmp_path / "moved" / "checkpoints").iterdir()) == ["best-step=4.ckpt", "last.ckpt"]
+
+
+def test_a_sweep_with_an_invalid_job_runs_nothing_and_lists_it(corpus, tmp_path):
+    r = train(corpus, tmp_path, "attention.kv_groups=3,1", "trainer.max_steps=2", "trainer.val_check_interval=2",
+              "hydra.sweep.dir=sweep", multirun=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == [
+        "error: 1 of 2 sweep jobs are invalid, nothing was run (fix them, or add sweep.skip_invalid=true to run the "
+        "1 valid one(s)):",
+        "  #0 attention.kv_groups=3: attention.kv_groups=3 does not divide attention.n_heads=4; pick a divisor of 4"]
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_skip_invalid_runs_the_valid_jobs_and_records_the_invalid_one(corpus, tmp_path):
+    r = train(corpus, tmp_path, "attention.kv_groups=3,1", "sweep.skip_invalid=true", "trainer.max_steps=2",
+              "trainer.val_check_interval=2", "hydra.sweep.dir=sweep", multirun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "warning: skipping 1 invalid job(s) of 2 (sweep.skip_invalid=true):" in r.stderr
+    assert RunRecord.load(tmp_path / "sweep" / "1_mqa_h4_kv1" / "summary.json").status == "complete"
+    skipped = RunRecord.load(tmp_path / "sweep" / "0_gqa_h4_kv3" / "summary.json")
+    assert (skipped.status, skipped.error) == ("failed", "attention.kv_groups=3 does not divide attention.n_heads=4; "
+                                                         "pick a divisor of 4")
+
+
+def test_a_job_that_fails_at_run_time_is_recorded_and_the_sweep_goes_on(corpus, tmp_path):
+    r = train(corpus, tmp_path, "ckpt_path=nowhere.ckpt,null", "trainer.max_steps=2", "trainer.val_check_interval=2",
+              "hydra.sweep.dir=sweep", multirun=True)
+    assert r.returncode == 1, r.stderr[-3000:]
+    failed, done = sorted((tmp_path / "sweep").glob("*_gqa_h4_kv2"))
+    record = RunRecord.load(failed / "summary.json")
+    assert (record.status, record.error) == ("failed", "ckpt_path=nowhere.ckpt: no such file; pass an existing "
+                                                       ".ckpt, or ckpt_path=last")
+    assert "error: ckpt_path=nowhere.ckpt: no such file" in (failed / "train.log").read_text()
+    assert RunRecord.load(done / "summary.json").status == "complete"  # the sweep went on
+    assert "error: 1 of 2 sweep jobs failed" in r.stderr and f"#0 ckpt_path=nowhere.ckpt" in r.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=abc", "error: Error merging override optim.lr=abc: Value 'abc' of type 'str' could not be converted"),
+    ("seed=abc", "error: Error merging override seed=abc: Value 'abc' of type 'str' could not be converted"),
+    ("model.typo=1", "error: Could not override 'model.typo': Key 'typo' not in 'ModelConfig'"),
+    ("+foo=1", "error: unknown config key foo: not in the schema"),
+    ("trainer.max_steps=0", "error: trainer.max_steps=0 must be >= 1"),
+    ("data.block_size=32", "error: data.block_size=32 differs from model.block_size=64"),
+])
+def test_typed_garbage_on_the_command_line_is_one_line(corpus, tmp_path, override, message):
+    r = train(corpus, tmp_path, "hydra.run.dir=run", override)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]]
+    assert r.stderr.strip().startswith(message)
+    if not override.startswith(("+", "trainer", "data")):  # refused while composing: no run directory at all
+        assert not (tmp_path / "run").exists()
+    else:  # refused by check_config: the run's record and log say why
+        assert RunRecord.load(tmp_path / "run" / "summary.json").status == "failed"
+        assert r.stderr.strip() in (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("entry, override, message", [
+    ("generate", "seed=abc", "error: Error merging override seed=abc: Value 'abc' of type 'str' could not be"),
+    ("generate", "temperature=abc", "error: Error merging override temperature=abc: Value 'abc' of type 'str'"),
+    ("evaluate", "+decode.contexts=[64]", "error: unknown config key decode.contexts"),
+    ("bench", "bench.steps=0", "error: bench.steps=0 must be >= 1"),
+])
+def test_generate_evaluate_and_bench_refuse_bad_values_in_one_line(tmp_path, entry, override, message):
+    import sys
+
+    extra = ["experiment=debug"] if entry == "bench" else ["ckpt_path=x.ckpt"]
+    r = subprocess.run([sys.executable, "-m", f"gpt_lightning.{entry}", *extra, override], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, env=TRAIN_ENV)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]]
+    assert r.stderr.strip().startswith(message)
+    assert list(tmp_path.iterdir()) == []  # no bench.json, no run directory
+
+
+def test_prepare_writes_no_run_directory(fixture_corpus, tmp_path):
+    import sys
+
+    base_url, ids = fixture_corpus
+    r = subprocess.run([sys.executable, "-m", "gpt_lightning.prepare", f"data.base_url={base_url}",
+                        f"data.books=[{ids[0]}]", "data.root=corpus", "data.encoding=bytes", "data.pause=0"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=TRAIN_ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no outputs/, .hydra/ or prepare.log

@@ -230,6 +230,15 @@ def report_md(c: Comparison) -> str:
 
 # ---------------------------------------------------------------------------------------------------- compare
 
+def _read(run: Path, root: Path) -> dict:
+    """read_run, and a row naming the reason when even that fails: one bad run never stops the report."""
+    try:
+        return read_run(run, root)
+    except Exception as e:
+        return {"run": str(run.relative_to(root)) or ".", "path": run, "config": None,
+                "status": f"unreadable ({type(e).__name__}: {e})", "val_curve": [], "curves": "none"}
+
+
 def compare(root: Path, out: Path | None = None, baseline: str | None = None) -> Comparison:
     root = root.expanduser().resolve()
     if not root.is_dir():
@@ -237,7 +246,7 @@ def compare(root: Path, out: Path | None = None, baseline: str | None = None) ->
     runs = find_runs(root)
     if not runs:
         raise UserError(f"no runs under {root}: expected run directories with .hydra/, tb/ or summary.json")
-    rows = [read_run(r, root) for r in runs]
+    rows = [_read(r, root) for r in runs]
     parent_dirs = parents_of(rows, set(runs))
     rows += [read_run(p, root) for p in parent_dirs]
     arms = group(rows, root)

@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from gpt_lightning.model import attention_label, kv_cache_bytes_per_token
-from gpt_lightning.training.run_record import TRAIN_RECORD, RunRecord
+from gpt_lightning.training.run_record import TRAIN_RECORD, RecordError, RunRecord
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -112,6 +112,20 @@ def _finite(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
+def _shape(att: dict, model: dict) -> str | None:
+    """Why a run's saved attention/model keys describe no model (a run refused at validation), or None."""
+    for key, value in (("attention.n_heads", att.get("n_heads")), ("attention.kv_groups", att.get("kv_groups")),
+                       ("model.n_layer", model.get("n_layer")), ("model.n_embd", model.get("n_embd"))):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return f"{key}={value!r} is not a positive integer"
+    if att["n_heads"] % att["kv_groups"] or model["n_embd"] % att["n_heads"]:
+        return (f"attention.kv_groups={att['kv_groups']}, attention.n_heads={att['n_heads']}, "
+                f"model.n_embd={model['n_embd']} do not divide")
+    return None
+
+
+SHAPE_FIELDS = ("attention", "n_head", "kv_groups", "n_layer", "n_embd", "mlp_hidden", "kv_cache_bytes_per_token",
+                "kv_cache_bytes_per_token_mha")
 RECORD_FIELDS = ("status", "attention", "n_head", "kv_groups", "n_layer", "n_embd", "mlp_hidden", "parameters",
                  "best_val_loss", "test_loss", "test_ppl", "val_bpb", "test_bpb", "train_tokens_per_sec",
                  "decode_tokens_per_sec", "kv_cache_bytes_per_token", "kv_cache_bytes_per_token_mha")
@@ -120,29 +134,50 @@ RECORD_FIELDS = ("status", "attention", "n_head", "kv_groups", "n_layer", "n_emb
 def read_run(run: Path, root: Path) -> dict:
     """One row: the run's name (relative to root), its resolved config, record figures, and its val/loss curve.
 
-    A figure the run did not record (a crash, or a record from before that figure existed) is None, never 0.
+    A figure the run did not record (a crash, or a record from before that figure existed) is None, never 0. Never
+    raises for one bad run: what cannot be read (config, events, record) is named in `status`.
     """
     try:
         name = str(run.relative_to(root)) or "."
     except ValueError:  # a parent run read from outside the folder (init_from of a study arm)
         name = str(run)
-    config = read_config(run)
+    problems = []
+    try:
+        config = read_config(run)
+    except Exception as e:  # not YAML, or an interpolation that no longer resolves
+        config = None
+        problems.append(f"unreadable .hydra/config.yaml ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     row: dict = {"run": name, "path": run, "config": config}
     att = (config or {}).get("attention") or {}
     model = (config or {}).get("model") or {}
-    if isinstance(att.get("n_heads"), int) and isinstance(att.get("kv_groups"), int):
+    problem = _shape(att, model) if isinstance(att, dict) and isinstance(model, dict) and att else None
+    valid_shape = bool(att) and isinstance(att, dict) and isinstance(model, dict) and problem is None
+    if problem:
+        problems.append(f"invalid config: {problem}")
+    elif valid_shape:
         row.update(attention=attention_label(att["n_heads"], att["kv_groups"]), n_head=att["n_heads"],
                    kv_groups=att["kv_groups"])
     row["seed"] = (config or {}).get("seed")
     uptrain = (config or {}).get("uptrain") or {}
     if isinstance(uptrain, dict) and _finite(uptrain.get("alpha")) is not None:  # a conversion-study arm
         row.update(uptrain_method=uptrain.get("method"), uptrain_alpha=float(uptrain["alpha"]))
-    scalars, row["curves"] = read_curves(run)
+    try:
+        scalars, row["curves"] = read_curves(run)
+    except Exception as e:  # a truncated or foreign event file
+        scalars, row["curves"] = {}, "none"
+        problems.append(f"unreadable logs ({type(e).__name__})")
     curve = scalars.get("val/loss", [])
-    record_file = run / TRAIN_RECORD
-    if record_file.is_file():
-        r = RunRecord.load(record_file)
-        row.update({k: getattr(r, k) for k in RECORD_FIELDS}, steps=r.global_step)
+    record = None
+    if (run / TRAIN_RECORD).is_file():
+        try:
+            record = RunRecord.load(run / TRAIN_RECORD)
+        except RecordError as e:
+            problems.append(f"unreadable record: {e}")
+    if record is not None:
+        fields = RECORD_FIELDS if record.n_head is not None else [k for k in RECORD_FIELDS if k not in SHAPE_FIELDS]
+        row.update({k: getattr(record, k) for k in fields}, steps=record.global_step)  # a failed run has no shape
+        if record.status == "failed":
+            row["status"] = f"failed: {record.error}"
     else:
         has_ckpt = any((run / "checkpoints").glob("*.ckpt"))
         row["status"] = "incomplete (no summary; last checkpoint kept)" if has_ckpt else "crashed (no checkpoint)"
@@ -151,10 +186,12 @@ def read_run(run: Path, root: Path) -> dict:
         # ThroughputMonitor: train/device/items_per_sec on one device, train/items_per_sec (all ranks) with DDP
         tput = scalars.get("train/items_per_sec") or scalars.get("train/device/items_per_sec") or []
         row["train_tokens_per_sec"] = tput[-1][1] if tput else None
-        if att and model.get("n_embd") and isinstance(att.get("n_heads"), int):
+        if valid_shape:
             head_dim = model["n_embd"] // att["n_heads"]
             row["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(model["n_layer"], att["kv_groups"], head_dim)
             row["kv_cache_bytes_per_token_mha"] = kv_cache_bytes_per_token(model["n_layer"], att["n_heads"], head_dim)
+    if problems:
+        row["status"] = "; ".join([row.get("status") or "unreadable", *problems])
     for key in ("best_val_loss", "test_loss", "test_ppl", "val_bpb", "test_bpb", "train_tokens_per_sec",
                 "decode_tokens_per_sec"):
         row[key] = _finite(row.get(key))

@@ -1,23 +1,26 @@
-"""Our Lightning callbacks: text samples after each validation, a checkpoint on SIGTERM, and Lightning's
-ThroughputMonitor given the right MFU peak (our dense GPU table, else a measured peak). Each is configured in
-conf/callbacks/ (remove one with `~callbacks.NAME`)."""
+"""Our Lightning callbacks: text samples after each validation, a checkpoint on SIGTERM/SIGINT, ModelCheckpoint
+tracking only this run's directory, and Lightning's ThroughputMonitor given the right MFU peak (our dense GPU
+table, else a measured peak). Each is configured in conf/callbacks/ (remove one with `~callbacks.NAME`)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import warnings
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.data.tokens import encode_prompt
 from gpt_lightning.measure.limits import matmul_peak, spec_peak
 from gpt_lightning.model.sampling import check_sampling
+from gpt_lightning.training.signals import first_signal
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +103,54 @@ class GenerationCallback(L.Callback):
 
 
 class CheckpointOnSigterm(L.Callback):
-    """On SIGTERM (preemption, `scancel`, `kill`) write `last.ckpt` before the process exits.
+    """On SIGTERM (preemption, `scancel`, `kill`) or SIGINT (Ctrl-C), write `last.ckpt` before the process exits.
 
-    Lightning turns SIGTERM into a SIGTERMException at the next batch boundary on every rank; this saves the
-    full training state there, so `ckpt_path=last` resumes from the step the signal arrived at rather than the
-    last periodic checkpoint.
+    `training/signals.py` turns either signal into Lightning's stop flag, which becomes a SIGTERMException at the
+    next step boundary on every rank; this saves the full training state there, so `ckpt_path=last` resumes from
+    the step the signal arrived at rather than the last periodic checkpoint. Nothing is saved when the signal
+    came outside the training loop (data preparation, restoring, testing): those weights are not this run's
+    training state, and a resumed run's last.ckpt must not be overwritten by them.
     """
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         checkpoint = trainer.checkpoint_callback
         if not isinstance(exception, SIGTERMException) or checkpoint is None or not checkpoint.dirpath:
             return
-        if trainer.state.fn != TrainerFn.FITTING:  # during test/validate the weights may be another checkpoint's
+        if trainer.state.fn != TrainerFn.FITTING or trainer.state.stage not in (RunningStage.TRAINING,
+                                                                                 RunningStage.VALIDATING):
             return
         path = f"{checkpoint.dirpath}/last.ckpt"
         trainer.save_checkpoint(path)
-        log.info("SIGTERM: saved %s at step %d; resume with ckpt_path=last", path, trainer.global_step)
+        name = signal.Signals(first_signal() or signal.SIGTERM).name
+        log.info("%s: saved %s at step %d; resume with ckpt_path=last", name, path, trainer.global_step)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint whose best/last tracking belongs to this run's checkpoint directory.
+
+    A checkpoint carries the tracking state of the run that wrote it. Resumed from another directory (the run was
+    moved, copied or deleted), stock ModelCheckpoint still reloads `best_model_path`, which points into the old
+    run: testing "the best checkpoint" after fit then fails with FileNotFoundError. Here tracking restarts in
+    this directory instead; in the same directory, entries whose files are gone are dropped.
+    """
+
+    @property
+    def state_key(self) -> str:
+        # The same key as ModelCheckpoint's, so checkpoints written with either restore into either.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved_dir = state_dict.get("dirpath")
+        if self.dirpath is not None and saved_dir is not None and \
+                os.path.realpath(saved_dir) != os.path.realpath(self.dirpath):
+            log.info("resuming a checkpoint of another run directory (%s): best/last checkpoint tracking restarts "
+                     "in %s", saved_dir, self.dirpath)
+            return
+        super().load_state_dict({**state_dict, "dirpath": self.dirpath})
+        if self.best_model_path and not os.path.isfile(self.best_model_path):
+            log.info("the best checkpoint %s is gone; best checkpoint tracking restarts", self.best_model_path)
+            self.best_k_models, self.best_model_path, self.best_model_score = {}, "", None
+            self.kth_best_model_path = ""
+            self.kth_value = torch.tensor(float("inf") if self.mode == "min" else -float("inf"))
+        if self.last_model_path and not os.path.isfile(self.last_model_path):
+            self.last_model_path = ""

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.model import GPTConfig, attention_label
+from gpt_lightning.training import schema  # noqa: F401  (registers the config schemas with Hydra's ConfigStore)
 
 log = logging.getLogger(__name__)
 

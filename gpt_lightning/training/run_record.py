@@ -94,6 +94,8 @@ class RunRecord:
             raise RecordError(f"{path}: not a readable JSON record ({type(e).__name__}: {e})") from None
         if not isinstance(data, dict):
             raise RecordError(f"{path}: a record is a JSON object, found {type(data).__name__}")
+        if not data:  # version 0 had no `kind`, so `{}` would pass as an empty "complete" run
+            raise RecordError(f"{path}: an empty JSON object, not a run record")
         data = _upgrade(data)
         known = {f.name: f for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}

@@ -1,0 +1,87 @@
+"""Refuse a shape that cannot fit before it starts: a lower bound on one training step's memory against what is free.
+
+`model.block_size=100000` at batch 16 asks for hundreds of GB of logits; without this check the step swaps or
+stalls for minutes (issue 12 measured 7.4 GB and ~10 minutes before two SIGTERMs got through). The estimate
+counts only what the step cannot avoid, so a shape that is refused surely does not fit; one that passes may
+still be tight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gpt_lightning.common.errors import UserError
+from gpt_lightning.model import GPTConfig
+
+GiB = 1024 ** 3
+
+
+@dataclass
+class StepMemory:
+    """Bytes one training step needs at least, per process."""
+    weights: int       # fp32 weights, gradients and AdamW's two moments: 16 bytes per parameter
+    logits: int        # (B*T, V) logits in the compute dtype, and the fp32 log-softmax the loss keeps for backward
+    activations: int   # per layer, ~12 (B*T, C) tensors kept for backward (inputs of norms, q/k/v, MLP 4C in and out)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.logits + self.activations
+
+
+def parameters(c: GPTConfig) -> int:
+    """Parameter count from the shape alone (building a model that may not fit is what we avoid)."""
+    C, hd = c.n_embd, c.head_dim
+    per_layer = C * (C + 2 * c.n_kv_groups * hd) + C * C + 8 * C * C  # qkv, proj, MLP (biases ignored)
+    return c.padded_vocab_size * C + c.block_size * C + c.n_layer * per_layer
+
+
+def step_memory(c: GPTConfig, batch_size: int, precision: str) -> StepMemory:
+    """Lower bound on one training step's memory (fp32 weights; activations in the compute dtype of `precision`)."""
+    act = 2 if str(precision).startswith(("bf16", "16")) else 8 if str(precision).startswith("64") else 4
+    N = batch_size * c.block_size  # tokens per step
+    return StepMemory(weights=16 * parameters(c),
+                      logits=N * c.padded_vocab_size * act + N * c.vocab_size * 4,
+                      activations=12 * c.n_layer * N * c.n_embd * act)
+
+
+def available_memory(cuda: bool) -> tuple[int, str] | None:
+    """(bytes, where) a process may still use: free GPU memory, or the smaller of MemAvailable and the cgroup limit."""
+    if cuda:
+        if not torch.cuda.is_available():
+            return None
+        free, _ = torch.cuda.mem_get_info()
+        return free, f"free on {torch.cuda.get_device_name()}"
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        free, where = int(meminfo["MemAvailable"].split()[0]) * 1024, "RAM available (MemAvailable)"
+    except (OSError, KeyError, ValueError):
+        return None
+    try:  # a container's limit (cgroup v2) may be lower than the machine's
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max" and int(limit) - used < free:
+            free, where = int(limit) - used, "left under this container's memory limit"
+    except (OSError, ValueError):
+        pass
+    return free, where
+
+
+def check_memory(c: GPTConfig, batch_size: int, precision: str, cuda: bool, processes: int = 1) -> None:
+    """Refuse, with the numbers, a step that needs more memory than is free (`processes` share a CPU's RAM)."""
+    free = available_memory(cuda)
+    if free is None:
+        return
+    need = step_memory(c, batch_size, precision)
+    total = need.total * (1 if cuda else processes)
+    if total <= free[0]:
+        return
+    per = f" x {processes} processes" if processes > 1 and not cuda else ""
+    raise UserError(
+        f"model.block_size={c.block_size} with data.batch_size={batch_size} ({c.n_layer} layers x {c.n_embd}, "
+        f"vocabulary {c.vocab_size}, {precision}) needs at least {total / GiB:.1f} GiB for one training step{per} "
+        f"(logits {need.logits / GiB:.1f}, activations {need.activations / GiB:.1f}, weights and AdamW "
+        f"{need.weights / GiB:.1f} GiB), but only {free[0] / GiB:.1f} GiB are {free[1]}; "
+        f"lower data.batch_size or model.block_size")

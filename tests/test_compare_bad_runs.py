@@ -1,0 +1,60 @@
+"""`compare` never dies on one bad run: each unreadable record or config is listed with the reason."""
+
+import csv
+import json
+
+import yaml
+
+from gpt_lightning.analysis.report import compare
+from gpt_lightning.training.run_record import RunRecord
+
+
+def make_run(root, name, *, n_heads=4, kv_groups=2, summary=None, record=None):
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    config = {"attention": {"type": "gqa", "n_heads": n_heads, "kv_groups": kv_groups},
+              "model": {"n_heads": 4, "n_layer": 2, "n_embd": 64, "block_size": 64}}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    if summary is not None:
+        (run / "summary.json").write_text(summary)
+    if record is not None:
+        record.save(run / "summary.json")
+    return run
+
+
+def test_every_bad_run_is_a_row_with_its_reason(tmp_path):
+    good = RunRecord(kind="train", n_layer=2, n_embd=64, n_head=4, kv_groups=2, attention="gqa", parameters=1000,
+                     best_val_loss=2.0, test_ppl=8.0, global_step=20, decode_tokens_per_sec=100.0,
+                     kv_cache_bytes_per_token=512)
+    make_run(tmp_path, "0_good", record=good)
+    make_run(tmp_path, "1_corrupt", summary='{"kind": "train", "status": ')
+    make_run(tmp_path, "2_empty_object", summary="{}")
+    make_run(tmp_path, "3_json_list", summary="[1, 2]")
+    make_run(tmp_path, "4_zero_heads", n_heads=0)
+    make_run(tmp_path, "5_kv_abc", kv_groups="abc", summary=json.dumps({"kind": "train", "status": "complete",
+                                                                        "kv_groups": "abc"}))
+    make_run(tmp_path, "6_failed", record=RunRecord(kind="train", status="failed",
+                                                    error="attention.kv_groups=3 does not divide attention.n_heads=4"))
+    (tmp_path / "7_bad_yaml" / ".hydra").mkdir(parents=True)
+    (tmp_path / "7_bad_yaml" / ".hydra" / "config.yaml").write_text("attention: [unclosed\n")
+
+    rows = {r["run"]: r for r in compare(tmp_path)}
+
+    assert rows["0_good"]["status"] == "complete" and rows["0_good"]["kv_groups"] == 2
+    assert "unreadable record" in rows["1_corrupt"]["status"]
+    assert "not a readable JSON record" in rows["1_corrupt"]["status"]
+    assert "an empty JSON object, not a run record" in rows["2_empty_object"]["status"]
+    assert "a record is a JSON object, found list" in rows["3_json_list"]["status"]
+    assert "invalid config: attention.n_heads=0 is not a positive integer" in rows["4_zero_heads"]["status"]
+    assert rows["4_zero_heads"].get("kv_cache_bytes_per_token") is None
+    assert "kv_groups='abc' is not a non-negative integer" in rows["5_kv_abc"]["status"]
+    assert "invalid config: attention.kv_groups='abc'" in rows["5_kv_abc"]["status"]
+    assert rows["5_kv_abc"].get("kv_groups") is None  # no garbage in the column
+    assert rows["6_failed"]["status"] == "failed: attention.kv_groups=3 does not divide attention.n_heads=4"
+    assert rows["6_failed"]["kv_groups"] == 2  # the shape comes from its config
+    assert "unreadable .hydra/config.yaml" in rows["7_bad_yaml"]["status"]
+
+    with open(tmp_path / "comparison.csv") as f:
+        assert [r["run"] for r in csv.DictReader(f)] == sorted(rows)
+    table = (tmp_path / "comparison.md").read_text()
+    assert all(f"| {name} |" in table for name in rows)

@@ -1,0 +1,114 @@
+"""SIGTERM/SIGINT: the first stops at the next step boundary, the second at once, even inside a long C++ op."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from types import SimpleNamespace
+
+import pytest
+from conftest import REPO
+from lightning.pytorch.trainer.states import RunningStage, TrainerStatus
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from gpt_lightning.training.signals import SignalGuard
+
+
+def fake_trainer(stage=RunningStage.TRAINING):
+    return SimpleNamespace(state=SimpleNamespace(status=TrainerStatus.RUNNING, stage=stage),
+                           _signal_connector=SimpleNamespace(received_sigterm=False),
+                           strategy=SimpleNamespace(launcher=None))
+
+
+def wait_for(condition, timeout=10.0):
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_lightning_stop_flag_is_the_one_the_guard_sets():
+    """Lightning private API the guard relies on: the connector's flag is what Trainer.received_sigterm reads."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert trainer.received_sigterm is False
+    trainer._signal_connector.received_sigterm = True
+    assert trainer.received_sigterm is True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_first_signal_inside_a_step_asks_lightning_to_stop_at_the_boundary(signum, capfd):
+    trainer = fake_trainer()
+    with SignalGuard(trainer, None, "python -m gpt_lightning.train ckpt_path=last hydra.run.dir=RUN") as guard:
+        os.kill(os.getpid(), signum)  # SIGINT no longer raises KeyboardInterrupt in the middle of a step
+        assert wait_for(lambda: trainer._signal_connector.received_sigterm and guard.count == 1)
+    assert guard.first == signum and signal.getsignal(signum) is not guard._handle  # handlers restored
+    name = signal.Signals(signum).name
+    assert f"{name} received: finishing this step, then saving last.ckpt" in capfd.readouterr().err
+
+
+def test_a_signal_to_a_forked_dataloader_worker_does_not_count_in_the_parent():
+    with SignalGuard(fake_trainer(), None, "resume") as guard:
+        pid = os.fork()
+        if pid == 0:  # a DataLoader worker gets Ctrl-C too: the whole process group does
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        time.sleep(0.3)
+        assert guard.count == 0
+
+
+def test_a_first_signal_outside_lightnings_loops_stops_there():
+    with pytest.raises(SIGTERMException):
+        with SignalGuard(fake_trainer(stage=None), None, "resume"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # data preparation, say: nothing polls Lightning's flag here
+
+
+# A step stuck in one long C++ op (a matmul: the GIL is released, Python runs no handler until it returns).
+STUCK = textwrap.dedent("""
+    import sys, torch
+    from types import SimpleNamespace
+    from lightning.pytorch.trainer.states import RunningStage, TrainerStatus
+    from gpt_lightning.training.checkpoint_io import AtomicCheckpointIO
+    from gpt_lightning.training.signals import SignalGuard
+    torch.set_num_threads(1)
+    trainer = SimpleNamespace(state=SimpleNamespace(status=TrainerStatus.RUNNING, stage=RunningStage.TRAINING),
+                              _signal_connector=SimpleNamespace(received_sigterm=False),
+                              strategy=SimpleNamespace(launcher=None))
+    with SignalGuard(trainer, sys.argv[1], "python -m gpt_lightning.train ckpt_path=last hydra.run.dir=RUN"):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 7}, sys.argv[1] + "/last.ckpt")
+        a = torch.randn(8192, 8192)
+        print("ready", flush=True)
+        for _ in range(100):
+            a @ a
+    print("the step finished", flush=True)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGINT),
+                                           (signal.SIGTERM, signal.SIGINT)])
+def test_a_second_signal_exits_at_once_even_inside_a_long_op(tmp_path, first, second):
+    (tmp_path / "stuck.py").write_text(STUCK)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "stuck.py"), str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)  # inside the first matmul (one takes seconds on one thread)
+    proc.send_signal(first)
+    time.sleep(0.5)
+    sent = time.time()
+    proc.send_signal(second)
+    out, err = proc.communicate(timeout=120)
+    elapsed = time.time() - sent
+    assert proc.returncode == 128 + second, err
+    assert elapsed < 3, f"took {elapsed:.1f} s to stop"
+    assert "the step finished" not in out
+    name = signal.Signals(second).name
+    assert f"{name} again: stopping at once, without saving. Last checkpoint: {tmp_path}/last.ckpt (step 7)" in err
+    assert "Resume with: python -m gpt_lightning.train ckpt_path=last hydra.run.dir=RUN" in err
