@@ -23,10 +23,10 @@ def make_run(root, name, *, n_heads=4, kv_groups=2, summary=None, record=None):
 
 
 def test_every_bad_run_is_a_row_with_its_reason(tmp_path):
-    good = RunRecord(kind="train", n_layer=2, n_embd=64, n_head=4, kv_groups=2, attention="gqa", parameters=1000,
+    good = RunRecord(kind="train", n_layer=2, n_embd=64, n_head=4, kv_groups=4, attention="mha", parameters=1000,
                      best_val_loss=2.0, test_ppl=8.0, global_step=20, decode_tokens_per_sec=100.0,
                      kv_cache_bytes_per_token=512)
-    make_run(tmp_path, "0_good", record=good)
+    make_run(tmp_path, "0_good", kv_groups=4, record=good)  # MHA: compare's default baseline
     make_run(tmp_path, "1_corrupt", summary='{"kind": "train", "status": ')
     make_run(tmp_path, "2_empty_object", summary="{}")
     make_run(tmp_path, "3_json_list", summary="[1, 2]")
@@ -38,9 +38,9 @@ def test_every_bad_run_is_a_row_with_its_reason(tmp_path):
     (tmp_path / "7_bad_yaml" / ".hydra").mkdir(parents=True)
     (tmp_path / "7_bad_yaml" / ".hydra" / "config.yaml").write_text("attention: [unclosed\n")
 
-    rows = {r["run"]: r for r in compare(tmp_path)}
+    rows = {r["run"]: r for r in compare(tmp_path).rows}
 
-    assert rows["0_good"]["status"] == "complete" and rows["0_good"]["kv_groups"] == 2
+    assert rows["0_good"]["status"] == "complete" and rows["0_good"]["kv_groups"] == 4
     assert "unreadable record" in rows["1_corrupt"]["status"]
     assert "not a readable JSON record" in rows["1_corrupt"]["status"]
     assert "an empty JSON object, not a run record" in rows["2_empty_object"]["status"]
@@ -54,7 +54,7 @@ def test_every_bad_run_is_a_row_with_its_reason(tmp_path):
     assert rows["6_failed"]["kv_groups"] == 2  # the shape comes from its config
     assert "unreadable .hydra/config.yaml" in rows["7_bad_yaml"]["status"]
 
-    with open(tmp_path / "comparison.csv") as f:
+    with open(tmp_path / "runs.csv") as f:
         assert [r["run"] for r in csv.DictReader(f)] == sorted(rows)
     table = (tmp_path / "comparison.md").read_text()
     assert all(f"| {name} |" in table for name in rows)

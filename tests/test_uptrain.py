@@ -30,13 +30,13 @@ def parent(tmp_path) -> str:
     (["uptrain.method=median", "init_from=x.ckpt"], "uptrain.method='median' is not a KV-head conversion method; "
                                                     "use one of mean, first, random"),
     (["uptrain.alpha=0.1"], "uptrain.alpha=0.1 needs a parent: set init_from=<MHA checkpoint>"),
-    (["uptrain.alpha=-1", "init_from=x.ckpt"], "uptrain.alpha=-1 must be null or a number >= 0"),
+    (["uptrain.alpha=-1", "init_from=x.ckpt"], "uptrain.alpha=-1.0 must be null or a number >= 0"),
     (["uptrain.method=scratch", "init_from=x.ckpt"], "uptrain.method=scratch is a conversion-study arm: set "
                                                      "uptrain.alpha"),
     (["uptrain.parent=train", "init_from=x.ckpt"], "uptrain.parent=train trains its own parent, but init_from"),
     (["uptrain.parent=yes"], "uptrain.parent='yes': use null, or train"),
     (["uptrain.alpha=0.1", "init_from=hf:gpt2"], "uptrain.alpha counts the parent's steps"),
-    (["+uptrain.optim.lrate=1"], "uptrain.optim has unknown key(s) lrate"),
+    (["uptrain.optim={lrate: 1}"], "uptrain.optim has unknown key(s) lrate"),
 ])
 def test_contradictory_settings_are_one_clear_line(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):

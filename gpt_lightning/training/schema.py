@@ -110,7 +110,8 @@ class SweepConfig:
 class UptrainConfig:  # conf/config.yaml `uptrain:`; the conversion study (training/uptrain.py checks the values)
     method: str = "mean"                # mean | first | random (scratch: a study arm trained from scratch)
     alpha: Optional[float] = None       # train alpha x the parent's steps; 0: evaluate the converted model only
-    optim: Optional[Dict[str, Any]] = None  # optim keys laid over optim.* when starting from init_from weights
+    optim: Any = None                   # a mapping of optim keys laid over optim.* when starting from init_from
+                                        # weights (Any: OmegaConf cannot override an Optional[Dict] that is null)
     parent: Optional[str] = None        # "train": train the MHA parent first, once per sweep
 
 
