@@ -79,20 +79,20 @@ class LMHeadLoss(torch.autograd.Function):
                 if need_grad:
                     torch.mm(logits, w, out=grad_h[s:s + rows])  # (n, C)
                     grad_w.addmm_(logits.t(), hs)  # (V_padded, C), accumulated over chunks
-                del logits
-            if need_grad:
-                ctx.save_for_backward(grad_h, grad_w)
+                del logits, x, p  # the views too: else this chunk's logits live on beside the next one's
+            # Kept on ctx, not saved for backward: backward scales them in place and hands them over, so the
+            # (V, C) weight gradient is never there twice. The price: one backward per forward (no retain_graph).
+            ctx.grads = (grad_h, grad_w) if need_grad else None
             ctx.dtypes = hidden.dtype, weight.dtype
             return total / N
 
     @staticmethod
     def backward(ctx, grad):
-        grad_h, grad_w = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("lm_head_loss: backward ran twice (retain_graph) or without gradients from forward")
+        (grad_h, grad_w), ctx.grads = ctx.grads, None
         h_dtype, w_dtype = ctx.dtypes
-        # The cast to the inputs' dtypes and the scaling in one pass each.
-        return (torch.mul(grad_h, grad, out=torch.empty(grad_h.shape, dtype=h_dtype, device=grad_h.device)),
-                torch.mul(grad_w, grad, out=torch.empty(grad_w.shape, dtype=w_dtype, device=grad_w.device)),
-                None, None, None, None, None)
+        return (grad_h.mul_(grad).to(h_dtype), grad_w.mul_(grad).to(w_dtype), None, None, None, None, None)
 
 
 class NextTokenLoss(torch.autograd.Function):
