@@ -49,11 +49,15 @@ def effective_contexts(contexts: list[int], block_size: int, new_tokens: int) ->
 
 
 @torch.no_grad()
-def prefilled_cache(model: GPT, batch: int, context: int, new_tokens: int, generator: torch.Generator):
+def prefilled_cache(model: GPT, batch: int, context: int, new_tokens: int, generator: torch.Generator,
+                    prompt: torch.Tensor | None = None):
     """A cache for `batch` rows holding `context` prefilled positions (room for `new_tokens` more), and the first
-    new token of each row."""
+    new token of each row. The prefill reads `prompt` (1, >= context) token ids when given, else random ids."""
     c, device = model.config, model.lm_head.weight.device
-    prompt = torch.randint(0, c.vocab_size, (1, context), generator=generator).to(device)
+    if prompt is not None and prompt.size(1) >= context:
+        prompt = prompt[:, :context].to(device)
+    else:
+        prompt = torch.randint(0, c.vocab_size, (1, context), generator=generator).to(device)
     one = KVCache(c.n_layer, 1, c.n_kv_groups, context, c.head_dim, device=device, dtype=model.lm_head.weight.dtype)
     with cpu_matvec_layout(model, rows=1):
         h = model.hidden_states(prompt, one)  # (1, context, C)
@@ -67,10 +71,11 @@ def prefilled_cache(model: GPT, batch: int, context: int, new_tokens: int, gener
 
 
 @torch.no_grad()
-def time_decode_at(model: GPT, batch: int, context: int, new_tokens: int, generator: torch.Generator) -> float:
+def time_decode_at(model: GPT, batch: int, context: int, new_tokens: int, generator: torch.Generator,
+                   prompt: torch.Tensor | None = None) -> float:
     """New tokens/s (all rows counted) of `new_tokens` greedy KV-cached steps after `context` prefilled positions."""
     vocab = model.config.vocab_size
-    cache, nxt = prefilled_cache(model, batch, context, new_tokens, generator)
+    cache, nxt = prefilled_cache(model, batch, context, new_tokens, generator, prompt)
     with cpu_matvec_layout(model, rows=batch):
         model.lm_head(model.hidden_states(nxt[:, None], cache)[:, -1])  # warm-up step (primitive set-up)
         cache.length = context  # rewind
@@ -84,7 +89,8 @@ def time_decode_at(model: GPT, batch: int, context: int, new_tokens: int, genera
 
 
 def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], new_tokens: int, repeats: int,
-                bandwidth: float | None = None, seed: int = 0, log=print) -> list[dict]:
+                bandwidth: float | None = None, seed: int = 0, prompt: torch.Tensor | None = None,
+                log=print) -> list[dict]:
     """One row per (model, batch, context): tokens/s (median, min-max over `repeats` interleaved rounds), KV-cache
     bytes, bytes read per step, and (given the measured read `bandwidth`) the read-limited tokens/s.
 
@@ -101,7 +107,7 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
         for b, L in cells:
             for i, model in enumerate(models):
                 g = torch.Generator().manual_seed(seed + L)
-                rates.setdefault((i, b, L), []).append(time_decode_at(model, b, L, new_tokens, g))
+                rates.setdefault((i, b, L), []).append(time_decode_at(model, b, L, new_tokens, g, prompt))
         log(f"decode grid round {r + 1}/{repeats} done")
     rows = []
     for (i, b, L), values in rates.items():
