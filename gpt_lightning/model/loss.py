@@ -60,9 +60,10 @@ class LMHeadLoss(torch.autograd.Function):
             if need_grad:
                 grad_h = torch.empty_like(h)  # (N, C)
                 grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device)  # (V_padded, C)
+            buffer = torch.empty(min(rows, N), V, dtype=dtype, device=hidden.device)  # reused by every chunk
             for s in range(0, N, rows):
                 hs = h[s:s + rows]  # (n, C)
-                logits = torch.mm(hs, w.t())  # (n, V_padded) in dtype
+                logits = torch.mm(hs, w.t(), out=buffer[:hs.size(0)])  # (n, V_padded) in dtype
                 logits[:, vocab:] = float("-inf")  # padding columns: no probability mass, zero gradient
                 for a in range(0, hs.size(0), block):
                     x = logits[a:a + block]  # (r, V)
@@ -79,7 +80,6 @@ class LMHeadLoss(torch.autograd.Function):
                 if need_grad:
                     torch.mm(logits, w, out=grad_h[s:s + rows])  # (n, C)
                     grad_w.addmm_(logits.t(), hs)  # (V_padded, C), accumulated over chunks
-                del logits, x, p  # the views too: else this chunk's logits live on beside the next one's
             # Kept on ctx, not saved for backward: backward scales them in place and hands them over, so the
             # (V, C) weight gradient is never there twice. The price: one backward per forward (no retain_graph).
             ctx.grads = (grad_h, grad_w) if need_grad else None
