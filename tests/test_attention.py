@@ -131,3 +131,19 @@ def test_attention_expands_kv_where_the_probe_says_so_with_the_same_output(monke
     assert attn.sdpa_path.startswith("flash_attention (K/V expanded")
     assert attn.sdpa_paths[("cpu", torch.float32, False)][0] is True
     torch.testing.assert_close(expanded, native, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["onednn", "transposed"])
+@pytest.mark.parametrize("rows", [1, 8, 32, 64])
+def test_decode_linear_layouts_compute_f_linear_at_every_decode_batch(layout, rows):
+    from gpt_lightning.model.sampling import cpu_matvec_layout
+
+    model = tiny(2, vocab_size=300)
+    x = torch.randn(rows, 32)
+    with torch.no_grad():
+        ref = [model.lm_head(x), model.transformer.h[0].attn.c_attn(x[:, None])]
+        with cpu_matvec_layout(model, rows=rows, layout=layout):
+            got = [model.lm_head(x), model.transformer.h[0].attn.c_attn(x[:, None])]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert "forward" not in model.lm_head.__dict__  # the layout is gone after the context
