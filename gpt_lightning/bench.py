@@ -26,11 +26,15 @@ from omegaconf import DictConfig, OmegaConf
 from gpt_lightning.common.cli import exits_on_user_error
 from gpt_lightning.common.device import cpu_has_bf16, keep_freed_memory
 from gpt_lightning.data.tokens import get_encoding
-from gpt_lightning.measure.limits import matmul_peak, spec_peak
-from gpt_lightning.measure.references import NaiveGPT, hf_gpt2
+from gpt_lightning.common.errors import UserError
+from gpt_lightning.measure import decode_grid as grid
+from gpt_lightning.measure.limits import matmul_peak, read_bandwidth, spec_peak
+from gpt_lightning.measure.profile import format_breakdown, step_breakdown
+from gpt_lightning.measure.references import NaiveGPT, UnfusedHeadGPT, hf_gpt2
+from gpt_lightning.measure.step_memory import measure_in_subprocess
 from gpt_lightning.measure.timing import summarize, time_decode
 from gpt_lightning.measure.training_speed import TrainContender
-from gpt_lightning.model import GPT, kv_cache_bytes_per_token
+from gpt_lightning.model import GPT, GPTConfig, kv_cache_bytes_per_token
 from gpt_lightning.model.optim import make_optimizer
 from gpt_lightning.training.config_checks import check_bench, check_config
 from gpt_lightning.training.config_errors import one_line_config_errors
@@ -68,10 +72,39 @@ def lightning_tokens_per_sec(cfg: DictConfig, steps: int, warmup: int, precision
     return clock.tokens / clock.elapsed
 
 
+def check_bench(cfg: DictConfig) -> None:
+    """Refuse bad bench settings before anything is built or timed."""
+    b = cfg.bench
+    for key in ("steps", "repeats", "grid_new_tokens"):
+        if int(b[key]) < 1:
+            raise UserError(f"bench.{key}={b[key]} must be >= 1")
+    for key in ("decode_batch_sizes", "grid_batch_sizes", "grid_contexts"):
+        if not b[key] or min(b[key]) < 1:
+            raise UserError(f"bench.{key}={list(b[key]) if b[key] else b[key]} must be a non-empty list of "
+                            f"positive integers")
+    if b.kv_groups is not None:
+        groups = [b.kv_groups] if isinstance(b.kv_groups, int) else list(b.kv_groups)
+        bad = [g for g in groups if not isinstance(g, int) or g < 1 or cfg.attention.n_heads % g]
+        if bad or not groups:
+            raise UserError(f"bench.kv_groups={groups}: each must divide attention.n_heads={cfg.attention.n_heads} "
+                            f"(e.g. bench.kv_groups=[1,2,4,8] at 8 heads)")
+    if b.memory_budget_gb <= 0:
+        raise UserError(f"bench.memory_budget_gb={b.memory_budget_gb} must be > 0")
+    if b.decode_grid and b.grid_new_tokens >= cfg.model.block_size:
+        raise UserError(f"bench.grid_new_tokens={b.grid_new_tokens} leaves no context in "
+                        f"model.block_size={cfg.model.block_size}; use fewer new tokens")
+
+
+def sdpa_paths(model) -> str:
+    """The SDPA path(s) its attention layers took in training (see `CausalSelfAttention.sdpa_path`)."""
+    return ", ".join(sorted({blk.attn.sdpa_path for blk in model.transformer.h if blk.attn.sdpa_path})) or "-"
+
+
 def bench(cfg: DictConfig) -> RunRecord:
     check_config(cfg)  # the model/data/trainer keys, as train checks them
     check_bench(cfg.bench)
     b = cfg.bench
+    check_bench(cfg)
     keep_freed_memory()
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
@@ -84,39 +117,51 @@ def bench(cfg: DictConfig) -> RunRecord:
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     fused = device.type in ("cuda", "cpu")
 
-    def ours(compile_=False):
+    def ours(compile_=False, cls=GPT):
         torch.manual_seed(cfg.seed)
-        model = GPT(config).to(device)
+        model = cls(config).to(device)
         if compile_:
             model.compile()
         return model, make_optimizer(model, optim, fused=fused)
 
     clip = cfg.trainer.gradient_clip_val
-    contenders = []
+    contenders, memory_specs = [], {}  # memory_specs: contender -> what step_memory builds in a fresh process
+    spec = dict(config=vars(config), batch_size=B, optim=optim, device=str(device), clip=clip, steps=3)
     m, o = ours()
     contenders.append(TrainContender("ours fp32", m, o, x, y, clip=clip))
+    memory_specs["ours fp32"] = dict(spec, kind="ours")
     if bf16:
         m, o = ours()
         contenders.append(TrainContender("ours bf16-mixed", m, o, x, y, autocast_dtype=torch.bfloat16, clip=clip))
-    if b.compile:
+        memory_specs["ours bf16-mixed"] = dict(spec, kind="ours", autocast="bf16")
+    if b.unfused_head and b.train:
+        m, o = ours(cls=UnfusedHeadGPT)
+        contenders.append(TrainContender("ours fp32, unfused LM head (before)", m, o, x, y, clip=clip))
+        memory_specs["ours fp32, unfused LM head (before)"] = dict(spec, kind="ours_unfused")
+    if b.compile and b.train:
         m, o = ours(compile_=True)
         contenders.append(TrainContender(f"ours {'bf16-mixed' if bf16 else 'fp32'} compiled", m, o, x, y,
                                          autocast_dtype=torch.bfloat16 if bf16 else None, clip=clip))
-    if b.hf:
+    if b.hf and b.train:
         hf = hf_gpt2(config, device)
         contenders.append(TrainContender("HF GPT2LMHeadModel fp32 (sdpa)", hf,
                                          torch.optim.AdamW(hf.parameters(), lr=optim["lr"]), x, y, hf=True))
-    if b.naive:
+        memory_specs["HF GPT2LMHeadModel fp32 (sdpa)"] = dict(spec, kind="hf")
+    if b.naive and b.train:
         naive = NaiveGPT(config).to(device)
         contenders.append(TrainContender("naive reference fp32", naive,
                                          torch.optim.AdamW(naive.parameters(), lr=optim["lr"]), x, y))
+        memory_specs["naive reference fp32"] = dict(spec, kind="naive")
+    if bf16 and not b.train:
+        contenders = contenders[:1]  # bench.train=false: ours fp32 stays, its weights feed the decode figures
 
-    for c in contenders:  # warm-up: kernels, allocator, compile
+    for c in contenders:  # warm-up: kernels, allocator, compile; attention picks its SDPA path here
         c.run(b.warmup_steps)
+    sdpa = {c.name: sdpa_paths(c.model) for c in contenders if isinstance(c.model, GPT)}
     train: dict[str, list[float]] = {c.name: [] for c in contenders}
     lightning_rates: list[float] = []
     precision = "bf16-mixed" if bf16 else "32-true"
-    for r in range(b.repeats):
+    for r in range(b.repeats if b.train else 0):
         for c in contenders:
             train[c.name].append(c.run(b.steps))
         if b.lightning:
@@ -124,6 +169,18 @@ def bench(cfg: DictConfig) -> RunRecord:
         print(f"round {r + 1}/{b.repeats}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in train.items()), flush=True)
     if b.lightning:
         train[f"Lightning Trainer + DataModule ({precision})"] = lightning_rates
+    train = {k: v for k, v in train.items() if v}
+
+    breakdown = {}
+    if b.profile and b.train:
+        for c in contenders:
+            if c.name in ("ours fp32", "ours bf16-mixed"):
+                breakdown[c.name] = step_breakdown(c, steps=2)
+    memory = {}
+    if b.peak_memory and b.train:
+        for name, s in memory_specs.items():
+            print(f"peak memory: {name} (fresh process) ...", flush=True)
+            memory[name] = measure_in_subprocess(s)
 
     # decode
     for c in contenders:
@@ -135,9 +192,10 @@ def bench(cfg: DictConfig) -> RunRecord:
     if bf16 or b.decode_bf16:
         decoders["ours bf16 weights"] = (GPT(config).to(device).to(torch.bfloat16).eval(), False)
         decoders["ours bf16 weights"][0].load_state_dict(contenders[0].model.state_dict())
-    if b.hf:
+    if b.hf and b.train:
         decoders["HF generate fp32"] = (hf.eval(), True)
     decode: dict[str, list[float]] = {}
+    steps_b1: dict[str, list[float]] = {}  # batch-1 decode steps alone (no prefill): against the read limit
     for bs in b.decode_batch_sizes:
         prompt = prompt1.expand(bs, -1).contiguous()
         for name, (model, is_hf) in decoders.items():
@@ -145,20 +203,34 @@ def bench(cfg: DictConfig) -> RunRecord:
         for _ in range(b.repeats):
             for name, (model, is_hf) in decoders.items():
                 decode.setdefault(f"{name} b{bs}", []).append(time_decode(model, prompt, new_tokens, is_hf))
+                if bs == 1 and not is_hf:
+                    g = torch.Generator().manual_seed(cfg.seed)
+                    steps_b1.setdefault(name, []).append(
+                        grid.time_decode_at(model, 1, prompt_len, new_tokens, g))
 
-    # peaks and MFU
+    # peaks, bandwidth, MFU
     flops_per_token = contenders[0].model.flops_per_token(T)
     peaks = {"fp32": matmul_peak(device, torch.float32)}
     if bf16:
         peaks["bf16"] = matmul_peak(device, torch.bfloat16)
-    spec = {k: spec_peak(device, d) for k, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    bandwidth = read_bandwidth(device)
+    spec_peaks = {k: spec_peak(device, d) for k, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     training = {}
     for name, rates in train.items():
         s = summarize(rates)
         key = "bf16" if "bf16" in name else "fp32"
         s["mfu_measured_peak"] = s["median"] * flops_per_token / peaks[key] if key in peaks else None
-        s["mfu_spec_peak"] = s["median"] * flops_per_token / spec[key] if spec.get(key) else None
+        s["mfu_spec_peak"] = s["median"] * flops_per_token / spec_peaks[key] if spec_peaks.get(key) else None
         training[name] = s
+    read_limit = {}
+    for name, rates in steps_b1.items():
+        model = decoders[name][0]
+        per_step = grid.bytes_read_per_step(model, 1, prompt_len + new_tokens // 2)
+        s = summarize(rates)
+        read_limit[name] = {"tokens_per_sec": s, "bytes_read_per_step": per_step,
+                            "weight_bytes": grid.decode_weight_bytes(model),
+                            "read_limit_tokens_per_sec": bandwidth / per_step,
+                            "fraction_of_read_limit": s["median"] * per_step / bandwidth}
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
@@ -166,23 +238,54 @@ def bench(cfg: DictConfig) -> RunRecord:
                   "kv_groups": config.n_kv_groups, "block_size": T, "batch_size": B,
                   "vocab": config.padded_vocab_size, "attention": config.attention},
         "flops_per_token": flops_per_token,
-        "matmul_peak_flops": peaks, "spec_peak_flops": spec,
+        "matmul_peak_flops": peaks, "spec_peak_flops": spec_peaks,
+        "read_bandwidth_bytes_per_sec": bandwidth,
+        "sdpa_path": sdpa,
         "training_tokens_per_sec": training,
+        "peak_memory": memory,
+        "step_breakdown": breakdown,
         "decode_tokens_per_sec": {k: summarize(v) for k, v in decode.items()},
+        "decode_read_limit_b1": read_limit,
         "kv_cache_bytes_per_token": {
             "configured": kv_cache_bytes_per_token(config.n_layer, config.n_kv_groups, config.head_dim),
             "mha": kv_cache_bytes_per_token(config.n_layer, config.n_head, config.head_dim)},
         "decode_prompt_tokens": prompt_len, "decode_new_tokens": new_tokens,
         "repeats": b.repeats, "steps": b.steps,
     }
+    if b.decode_grid:
+        result.update(run_decode_grid(cfg, config, device, contenders[0].model, bandwidth))
     result["ratios"] = ratios(result)
     best = "ours bf16-mixed" if "ours bf16-mixed" in training else "ours fp32"
+    mem = memory.get(best, {})
     return RunRecord.for_model(
         "bench", contenders[0].model, encoding=cfg.data.encoding,
-        train_tokens_per_sec=training[best]["median"], train_mfu=training[best]["mfu_measured_peak"],
+        train_tokens_per_sec=training.get(best, {}).get("median"),
+        train_mfu=training.get(best, {}).get("mfu_measured_peak"),
         decode_tokens_per_sec=result["decode_tokens_per_sec"].get("ours fp32 b1", {}).get("median"),
+        peak_memory_bytes=mem.get("peak_bytes"), peak_memory_kind=mem.get("kind"),
         precision="bf16-mixed" if best.endswith("bf16-mixed") else "32-true", device=result["device"],
         details=result)
+
+
+def run_decode_grid(cfg: DictConfig, config: GPTConfig, device, configured: GPT, bandwidth: float) -> dict:
+    """The decode grid over bench.grid_batch_sizes x bench.grid_contexts for each of bench.kv_groups (fp32)."""
+    b = cfg.bench
+    groups = [config.n_kv_groups] if b.kv_groups is None else (
+        [b.kv_groups] if isinstance(b.kv_groups, int) else list(b.kv_groups))
+    models = []
+    for g in sorted(set(groups), reverse=True):
+        if g == config.n_kv_groups:
+            models.append(configured)
+        else:
+            torch.manual_seed(cfg.seed)
+            models.append(GPT(GPTConfig(**{**vars(config), "n_kv_groups": g})).to(device))
+    rows = grid.decode_grid(models, list(b.grid_batch_sizes), list(b.grid_contexts), b.grid_new_tokens,
+                            b.repeats, bandwidth=bandwidth, seed=cfg.seed)
+    contexts = sorted({r["context"] for r in rows})
+    budget = grid.budget_rows(models, contexts, b.memory_budget_gb)
+    big_b, big_l = max(b.grid_batch_sizes), max(contexts)
+    ratio = grid.mqa_over_mha(rows, 32 if 32 in b.grid_batch_sizes else big_b, big_l)
+    return {"decode_grid": rows, "decode_grid_budget": budget, "decode_grid_mqa_over_mha": ratio}
 
 
 def ratios(r: dict) -> dict:
@@ -194,34 +297,71 @@ def ratios(r: dict) -> dict:
         out["train: ours fp32 / HF fp32"] = t["ours fp32"] / hf
         if "ours bf16-mixed" in t:
             out["train: ours bf16-mixed / HF fp32"] = t["ours bf16-mixed"] / hf
+    before = next((v for k, v in t.items() if "unfused" in k), None)
+    if before:
+        out["train: ours fp32 / unfused LM head (before)"] = t["ours fp32"] / before
     lightning = next((v for k, v in t.items() if k.startswith("Lightning")), None)
     if lightning:
         bare = t.get("ours bf16-mixed") if "bf16" in next(k for k in t if k.startswith("Lightning")) else t["ours fp32"]
         out["train: Lightning / bare loop (same precision)"] = lightning / bare
+    mem = r.get("peak_memory", {})
+    hf_mem = next((v for k, v in mem.items() if k.startswith("HF")), None)
+    for name in ("ours fp32", "ours bf16-mixed"):
+        if hf_mem and name in mem:
+            out[f"peak memory: {name} / HF fp32 (process peak)"] = mem[name]["peak_bytes"] / hf_mem["peak_bytes"]
+            out[f"peak memory: {name} / HF fp32 (step, above baseline)"] = (
+                mem[name]["step_bytes"] / hf_mem["step_bytes"])
     for key in d:
         if key.startswith("HF generate"):
             bs = key.rsplit(" ", 1)[1]
             out[f"decode {bs}: ours fp32 / HF fp32"] = d[f"ours fp32 {bs}"] / d[key]
             if f"ours bf16 weights {bs}" in d:
                 out[f"decode {bs}: ours bf16 / HF fp32"] = d[f"ours bf16 weights {bs}"] / d[key]
+    for name, lim in r.get("decode_read_limit_b1", {}).items():
+        out[f"decode b1 steps: {name} / read limit"] = lim["fraction_of_read_limit"]
     kv = r["kv_cache_bytes_per_token"]
     out["KV cache: configured / MHA"] = kv["configured"] / kv["mha"]
+    q = r.get("decode_grid_mqa_over_mha")
+    if q:
+        out[f"decode grid b{q['batch']} ctx{q['context']}: MQA / MHA achieved"] = q["achieved"]
+        out[f"decode grid b{q['batch']} ctx{q['context']}: MQA / MHA bytes-read bound"] = q["bound"]
     return out
 
 
 def format_table(r: dict) -> str:
+    mem = r.get("peak_memory", {})
     lines = [f"device: {r['device']}, torch {r['torch']}, shape: {r['shape']}",
-             "matmul peak (measured): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in r["matmul_peak_flops"].items()),
-             "", f"{'training (tokens/s)':<48} {'median':>9} {'min-max':>15} {'MFU':>6}"]
-    for name, s in r["training_tokens_per_sec"].items():
-        mfu = f"{s['mfu_measured_peak']:.0%}" if s.get("mfu_measured_peak") else "-"
-        lines.append(f"{name:<48} {s['median']:>9.0f} {s['min']:>7.0f}-{s['max']:<7.0f} {mfu:>6}")
+             "matmul peak (measured): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in r["matmul_peak_flops"].items())
+             + f"; memory-read bandwidth (measured): {r['read_bandwidth_bytes_per_sec'] / 1e9:.1f} GB/s",
+             "SDPA path in training: " + "; ".join(f"{k}: {v}" for k, v in r["sdpa_path"].items())]
+    if r["training_tokens_per_sec"]:
+        lines += ["", f"{'training (tokens/s)':<48} {'median':>9} {'min-max':>15} {'MFU':>6} {'peak MB':>8} {'step MB':>8}"]
+        for name, s in r["training_tokens_per_sec"].items():
+            mfu = f"{s['mfu_measured_peak']:.0%}" if s.get("mfu_measured_peak") else "-"
+            m = mem.get(name)
+            pk, st = (f"{m['peak_bytes'] / 1e6:.0f}", f"{m['step_bytes'] / 1e6:.0f}") if m else ("-", "-")
+            lines.append(f"{name:<48} {s['median']:>9.0f} {s['min']:>7.0f}-{s['max']:<7.0f} {mfu:>6} {pk:>8} {st:>8}")
+        if mem:
+            kind = next(iter(mem.values()))["kind"]
+            lines.append(f"(peak MB: {kind} of a fresh process running 3 training steps of that contender; "
+                         f"step MB: the part above the process before the model was built)")
+    for name, b in r.get("step_breakdown", {}).items():
+        lines += ["", format_breakdown(f"step breakdown, {name}", b)]
     lines += ["", f"{'decode (new tokens/s, KV cache, greedy)':<48} {'median':>9} {'min-max':>15}"]
     for name, s in r["decode_tokens_per_sec"].items():
         lines.append(f"{name:<48} {s['median']:>9.1f} {s['min']:>7.1f}-{s['max']:<7.1f}")
+    for name, lim in r.get("decode_read_limit_b1", {}).items():
+        s = lim["tokens_per_sec"]
+        lines.append(f"{name + ' b1, decode steps only':<48} {s['median']:>9.1f} {s['min']:>7.1f}-{s['max']:<7.1f}"
+                     f"  = {lim['fraction_of_read_limit']:.0%} of the read limit "
+                     f"({lim['bytes_read_per_step'] / 1e6:.1f} MB per token at "
+                     f"{r['read_bandwidth_bytes_per_sec'] / 1e9:.1f} GB/s: {lim['read_limit_tokens_per_sec']:.0f}/s)")
     kv = r["kv_cache_bytes_per_token"]
-    lines += ["", f"KV-cache bytes per token (fp32): configured {kv['configured']:,}, MHA {kv['mha']:,}", "", "ratios:"]
-    lines += [f"  {k:<46} {v:.2f}" for k, v in r["ratios"].items()]
+    lines += ["", f"KV-cache bytes per token (fp32): configured {kv['configured']:,}, MHA {kv['mha']:,}"]
+    if r.get("decode_grid"):
+        lines += ["", grid.format_grid(r["decode_grid"], r["decode_grid_budget"], r["decode_grid_mqa_over_mha"])]
+    lines += ["", "ratios:"]
+    lines += [f"  {k:<56} {v:.2f}" for k, v in r["ratios"].items()]
     return "\n".join(lines)
 
 
@@ -233,6 +373,9 @@ def main(cfg: DictConfig) -> None:
     print(format_table(record.details))
     out = record.save(Path(cfg.bench.json))
     print(f"\nwrote {out.resolve()}")
+    if cfg.bench.plots and record.details.get("decode_grid"):
+        for path in grid.plot_grid(record.details["decode_grid"], record.details["decode_grid_budget"], out.parent):
+            print(f"wrote {path.resolve()}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ def test_bench_produces_every_column(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "gpt_lightning.bench", "experiment=debug", "bench.steps=1", "bench.warmup_steps=1",
-         "bench.repeats=2", "bench.decode_new_tokens=4", "bench.decode_bf16=true", f"bench.json={out}"],
+         "bench.repeats=2", "bench.decode_new_tokens=4", "bench.decode_bf16=true", f"bench.json={out}",
+         "bench.decode_grid=true", "bench.kv_groups=[1,2,4]", "bench.grid_new_tokens=4", "bench.grid_batch_sizes=[1,2]",
+         "bench.grid_contexts=[8,100]", "bench.memory_budget_gb=0.1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
     record = RunRecord.load(out)
@@ -61,3 +63,25 @@ def test_bench_produces_every_column(tmp_path):
     assert "train: ours fp32 / HF fp32" in r["ratios"] and "decode b1: ours fp32 / HF fp32" in r["ratios"]
     assert r["matmul_peak_flops"]["fp32"] > 0
     assert "ratios:" in result.stdout and "ours fp32 b1" in result.stdout
+    # the issue-11 figures: memory per contender, step breakdown, SDPA path, read limit, decode grid and plots
+    assert {"ours fp32", "ours fp32, unfused LM head (before)", "HF GPT2LMHeadModel fp32 (sdpa)"} <= set(r["peak_memory"])
+    assert all(m["peak_bytes"] > m["step_bytes"] > 0 for m in r["peak_memory"].values())
+    best = "ours bf16-mixed" if "ours bf16-mixed" in train else "ours fp32"  # the record's precision
+    assert record.peak_memory_bytes == r["peak_memory"][best]["peak_bytes"]
+    assert r["step_breakdown"]["ours fp32"]["step_ms"] > 0 and "matmul" in r["step_breakdown"]["ours fp32"]["groups"]
+    assert r["sdpa_path"]["ours fp32"] == "flash_attention (enable_gqa)"
+    assert r["read_bandwidth_bytes_per_sec"] > 0
+    assert 0 < r["decode_read_limit_b1"]["ours fp32"]["fraction_of_read_limit"]
+    cells = {(row["kv_groups"], row["batch"], row["context"]) for row in r["decode_grid"]}
+    assert cells == {(g, b, c) for g in (1, 2, 4) for b in (1, 2) for c in (8, 60)}
+    assert {(x["kv_groups"], x["context"]) for x in r["decode_grid_budget"]} == {(g, c) for g in (1, 2, 4) for c in (8, 60)}
+    assert r["decode_grid_mqa_over_mha"]["bound"] > 1 and "MQA / MHA at batch 2, context 60" in result.stdout
+    assert (tmp_path / "decode_vs_kv_groups.png").is_file() and (tmp_path / "largest_batch_vs_kv_groups.png").is_file()
+
+
+def test_bench_refuses_kv_groups_that_do_not_divide_the_heads(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "gpt_lightning.bench", "experiment=debug", "bench.kv_groups=[1,3]"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: bench.kv_groups=[1, 3]: each must divide")

@@ -10,6 +10,8 @@ import torch
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.data import MachadoDataModule
 from gpt_lightning.data.tokens import token_byte_lengths
+from gpt_lightning.measure import decode_grid as grid
+from gpt_lightning.measure.limits import read_bandwidth
 from gpt_lightning.measure.memory import peak_memory
 from gpt_lightning.measure.timing import decode_tokens_per_sec
 from gpt_lightning.training.checkpoints import load_checkpoint, load_gpt
@@ -49,7 +51,10 @@ def loss_and_bpb(model, loader, device, token_bytes: torch.Tensor) -> tuple[floa
 
 
 def evaluate_checkpoint(path: str | Path, device: torch.device, data_overrides: dict, prompt_tokens: int,
-                        new_tokens: int, batch_sizes: list[int], repeats: int) -> RunRecord:
+                        new_tokens: int, batch_sizes: list[int], repeats: int, contexts: list[int] | None = None,
+                        grid_new_tokens: int = 32, memory_budget_gb: float = 1.0) -> RunRecord:
+    """Test loss/perplexity and decode speed; with `contexts`, also the decode grid over batch_sizes x contexts
+    (prefilled from the test split's first window) and the largest batch in `memory_budget_gb` per context."""
     path = Path(path).expanduser().resolve()
     ckpt = load_checkpoint(path)
     model, hparams = load_gpt(ckpt, map_location=device)
@@ -72,10 +77,18 @@ def evaluate_checkpoint(path: str | Path, device: torch.device, data_overrides: 
     prompt = dm.datasets["test"][0][0][:prompt_len].to(device)
     decode = {f"b{b}": decode_tokens_per_sec(model, prompt.expand(b, -1).contiguous(), new, repeats)
               for b in batch_sizes}
+    details = {"decode_tokens_per_sec_by_batch": decode, "decode_prompt_tokens": prompt_len,
+               "decode_new_tokens": new, "test_tokens": len(dm.datasets["test"]) * c.block_size}
+    if contexts:
+        text = dm.datasets["test"][0][0][None].to(device)  # (1, block_size) real tokens to prefill from
+        rows = grid.decode_grid([model], batch_sizes, contexts, grid_new_tokens, repeats,
+                                bandwidth=read_bandwidth(device), prompt=text)
+        details["decode_grid"] = rows
+        details["decode_grid_budget"] = grid.budget_rows([model], sorted({r["context"] for r in rows}),
+                                                         memory_budget_gb)
     peak, peak_kind = peak_memory(device)
     return RunRecord.for_model(
         "evaluate", model, encoding=hparams.get("encoding"), global_step=ckpt.get("global_step"),
         test_loss=loss, test_ppl=math.exp(loss), test_bpb=bpb, decode_tokens_per_sec=decode.get("b1"),
         peak_memory_bytes=peak, peak_memory_kind=peak_kind, device=str(device), checkpoint=str(path),
-        details={"decode_tokens_per_sec_by_batch": decode, "decode_prompt_tokens": prompt_len,
-                 "decode_new_tokens": new, "test_tokens": len(dm.datasets["test"]) * c.block_size})
+        details=details)

@@ -1,4 +1,5 @@
-"""The machine's own limits, printed beside every speed figure: dense matmul peak (measured), spec peaks of GPUs."""
+"""The machine's own limits, printed beside every speed figure: dense matmul peak and memory-read bandwidth
+(both measured), spec peaks of GPUs, and the decode speed those limits allow."""
 
 from __future__ import annotations
 
@@ -22,6 +23,29 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
         sync(device)
         best = max(best, 2 * n**3 / (time.perf_counter() - start))
     return best
+
+
+def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Measured memory-read bandwidth in bytes/s: the best of `repeats` sums over an `nbytes` fp32 tensor.
+
+    A reduction reads every byte once and writes nothing, so it is the ceiling for anything bound by reading
+    weights or a KV cache (decode at small batch). 1 GB is far beyond any cache.
+    """
+    x = torch.ones(nbytes // 4, device=device)
+    x.sum()
+    best = 0.0
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        x.sum()
+        sync(device)
+        best = max(best, nbytes / (time.perf_counter() - start))
+    return best
+
+
+def decode_read_limit(bytes_per_step: int, bandwidth: float, batch_size: int = 1) -> float:
+    """Tokens/s decode could reach if each step only had to read `bytes_per_step` (weights + KV cache) once."""
+    return batch_size * bandwidth / bytes_per_step
 
 
 # --- Spec peaks of GPUs (dense, per chip) -----------------------------------------------------------------------

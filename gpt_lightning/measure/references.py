@@ -1,6 +1,6 @@
 """The bench's other contenders, same shape as ours: a naive reference (manual masked softmax, K/V copied per
-query head, hand-written LayerNorm and GELU: how the original project computed attention) and Hugging Face's
-`GPT2LMHeadModel`."""
+query head, hand-written LayerNorm and GELU: how the original project computed attention), Hugging Face's
+`GPT2LMHeadModel`, and our GPT with its earlier, unfused LM head + loss."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt_lightning.common.errors import UserError
-from gpt_lightning.model import GPTConfig
+from gpt_lightning.model import GPT, GPTConfig, NextTokenLoss
 
 
 class NaiveBlock(nn.Module):
@@ -79,3 +79,14 @@ def hf_gpt2(config: GPTConfig, device):
     model = transformers.GPT2LMHeadModel(hf_config).to(device)
     assert model.config._attn_implementation == "sdpa"
     return model
+
+
+class UnfusedHeadGPT(GPT):
+    """Our GPT with the LM head and loss as they were before the fused, chunked `lm_head_loss`: the full
+    (B*T, V_padded) logits, then `NextTokenLoss` (the bench's before/after contender for speed and memory)."""
+
+    def forward(self, idx, targets=None):
+        logits = self.lm_head(self.hidden_states(idx))  # (B, T, V_padded)
+        if targets is None:
+            return logits[..., : self.config.vocab_size]
+        return NextTokenLoss.apply(logits.flatten(0, 1), targets.flatten(), self.config.vocab_size)

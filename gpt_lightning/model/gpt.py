@@ -17,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt_lightning.common.errors import UserError
+from gpt_lightning.model.attention import GROUPED_MAX_T, choose_sdpa_path, grouped_attention, sdpa
 from gpt_lightning.model.kv_cache import KVCache
-from gpt_lightning.model.loss import NextTokenLoss
+from gpt_lightning.model.loss import lm_head_loss
 from gpt_lightning.model.sampling import decode
 
 
@@ -92,6 +93,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.sdpa_paths: dict[tuple, tuple[bool, str]] = {}  # (device, dtype, dropout?) -> (expand K/V?, label)
+        self.sdpa_path: str | None = None  # the SDPA path of the last training/prefill call, for the bench
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
@@ -100,21 +103,33 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_groups, self.head_dim).transpose(1, 2)  # (B, G, T, hd)
         v = v.view(B, T, self.n_kv_groups, self.head_dim).transpose(1, 2)  # (B, G, T, hd)
-        # Prefill into an empty cache is causal; one new token against the cache sees every cached position.
-        is_causal = T > 1
-        if cache is not None:
-            if T > 1 and cache.length:
-                raise ValueError("KVCache takes either a prefill into an empty cache or one token at a time")
+        if cache is not None and cache.length:  # new tokens against a filled cache: decode
             k, v = cache.update(layer, k, v)  # (B, G, L, hd): the cache holds G heads, never n_head
-        # SDPA broadcasts each KV head to its group of n_head // G query heads (no K/V copies).
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-            enable_gqa=self.n_kv_groups != self.n_head,
-        )  # (B, nh, T, hd)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+            if T <= GROUPED_MAX_T:  # each KV head read once for its whole query group
+                y = grouped_attention(q, k, v)
+            else:  # a long chunk: SDPA with the chunk's causal mask (query t sees keys up to L - T + t)
+                L = k.size(2)
+                visible = torch.ones(T, L, dtype=torch.bool, device=x.device).tril_(L - T)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible,
+                                                   enable_gqa=self.n_kv_groups != self.n_head)
+        else:  # training, or a prefill into an empty cache: causal SDPA
+            if cache is not None:
+                k, v = cache.update(layer, k, v)
+            y = sdpa(q, k, v, self.dropout if self.training else 0.0, T > 1, self._expand_kv(q, k, v, T > 1))
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh * hd)
         return self.resid_dropout(self.c_proj(y))
+
+    def _expand_kv(self, q, k, v, is_causal: bool) -> bool:
+        """Whether GQA expands K/V for SDPA here: decided once per (device, dtype, dropout), see `choose_sdpa_path`.
+        The path taken is kept in `self.sdpa_path` (e.g. "flash_attention (enable_gqa)")."""
+        dropout = self.dropout if self.training else 0.0
+        key = (q.device.type, q.dtype, dropout > 0)
+        if key not in self.sdpa_paths:
+            if torch.compiler.is_compiling():  # no probing inside a traced graph; the compiler picks its kernel
+                return False
+            self.sdpa_paths[key] = choose_sdpa_path(q, k, v, dropout, is_causal)
+        expand, self.sdpa_path = self.sdpa_paths[key]
+        return expand
 
 
 class MLP(nn.Module):
@@ -198,12 +213,13 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids (B, T), or with (B, T) targets the mean next-token loss.
 
-        The loss is computed here, not by the caller, so `torch.compile` can fuse the LM head with it.
+        With targets, the LM head and the loss run fused in row chunks (`lm_head_loss`): the (B*T, vocab) logits
+        and their gradient are never materialised whole.
         """
-        logits = self.lm_head(self.hidden_states(idx))  # (B, T, padded_vocab)
+        h = self.hidden_states(idx)  # (B, T, C)
         if targets is None:
-            return logits[..., : self.config.vocab_size]
-        return NextTokenLoss.apply(logits.flatten(0, 1), targets.flatten(), self.config.vocab_size)
+            return self.lm_head(h)[..., : self.config.vocab_size]
+        return lm_head_loss(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size)
 
     def new_cache(self, batch_size: int, device=None, dtype=None) -> KVCache:
         """A preallocated cache for `block_size` positions holding n_kv_groups heads per layer."""

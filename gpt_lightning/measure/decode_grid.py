@@ -1,0 +1,209 @@
+"""Decode speed and KV-cache bytes over batch size x context length, for one model or a kv_groups sweep.
+
+Where the cache, not the weights, dominates what a decode step reads (long contexts, large batches), fewer KV
+heads decode faster: the GQA paper's inference claim. Each grid row holds the measured tokens/s next to what a
+step reads (weights + the cache at that context) and the read-limited speed that implies.
+
+Timing at context L: prefill L tokens, then time `new_tokens` greedy steps (L + new_tokens <= block_size).
+The prefill runs once at batch 1 and its cache is copied to every row of the batch (the rows would hold the same
+keys and values anyway: the bench decodes one prompt per row), so large batches do not pay B prefills.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from gpt_lightning.measure.timing import summarize, sync
+from gpt_lightning.model import GPT, KVCache
+from gpt_lightning.model.sampling import cpu_matvec_layout
+
+
+def decode_weight_bytes(model: GPT) -> int:
+    """Bytes of weights one decode step reads: every parameter but the position table (one row of it is read)."""
+    wpe = model.transformer.wpe.weight
+    return sum(p.numel() * p.element_size() for p in model.parameters()) - wpe.numel() * wpe.element_size()
+
+
+def cache_bytes_per_token(model: GPT) -> int:
+    c, p = model.config, model.lm_head.weight
+    return 2 * c.n_layer * c.n_kv_groups * c.head_dim * p.element_size()
+
+
+def bytes_read_per_step(model: GPT, batch: int, context: int) -> int:
+    """Weights once, plus every row's keys and values at `context` positions."""
+    return decode_weight_bytes(model) + batch * context * cache_bytes_per_token(model)
+
+
+def largest_batch(budget_bytes: float, weight_bytes: int, cache_bytes_per_token: int, context: int) -> int:
+    """The largest batch whose weights + KV cache at `context` positions fit in `budget_bytes` (0: none fits)."""
+    return max(0, int((budget_bytes - weight_bytes) // (cache_bytes_per_token * context)))
+
+
+def effective_contexts(contexts: list[int], block_size: int, new_tokens: int) -> list[int]:
+    """Each requested context, capped so that context + new_tokens stays within block_size (duplicates dropped)."""
+    return sorted({min(c, block_size - new_tokens) for c in contexts if c >= 1})
+
+
+@torch.no_grad()
+def prefilled_cache(model: GPT, batch: int, context: int, new_tokens: int, generator: torch.Generator,
+                    prompt: torch.Tensor | None = None):
+    """A cache for `batch` rows holding `context` prefilled positions (room for `new_tokens` more), and the first
+    new token of each row. The prefill reads `prompt` (1, >= context) token ids when given, else random ids."""
+    c, device = model.config, model.lm_head.weight.device
+    if prompt is not None and prompt.size(1) >= context:
+        prompt = prompt[:, :context].to(device)
+    else:
+        prompt = torch.randint(0, c.vocab_size, (1, context), generator=generator).to(device)
+    one = KVCache(c.n_layer, 1, c.n_kv_groups, context, c.head_dim, device=device, dtype=model.lm_head.weight.dtype)
+    with cpu_matvec_layout(model, rows=1):
+        h = model.hidden_states(prompt, one)  # (1, context, C)
+        first = model.lm_head(h[:, -1])[:, : c.vocab_size].argmax(-1)  # (1,)
+    cache = KVCache(c.n_layer, batch, c.n_kv_groups, context + new_tokens, c.head_dim, device=device,
+                    dtype=model.lm_head.weight.dtype)
+    for dst, src in zip(cache.k + cache.v, one.k + one.v):
+        dst[:, :, :context] = src  # (1, G, context, hd) -> every row
+    cache.advance(context)
+    return cache, first.expand(batch).contiguous()
+
+
+@torch.no_grad()
+def time_decode_at(model: GPT, batch: int, context: int, new_tokens: int, generator: torch.Generator,
+                   prompt: torch.Tensor | None = None) -> float:
+    """New tokens/s (all rows counted) of `new_tokens` greedy KV-cached steps after `context` prefilled positions."""
+    vocab = model.config.vocab_size
+    cache, nxt = prefilled_cache(model, batch, context, new_tokens, generator, prompt)
+    with cpu_matvec_layout(model, rows=batch):
+        model.lm_head(model.hidden_states(nxt[:, None], cache)[:, -1])  # warm-up step (primitive set-up)
+        cache.length = context  # rewind
+        sync(nxt.device)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            h = model.hidden_states(nxt[:, None], cache)  # (B, 1, C)
+            nxt = model.lm_head(h[:, -1])[:, :vocab].argmax(-1)  # (B,)
+        sync(nxt.device)
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], new_tokens: int, repeats: int,
+                bandwidth: float | None = None, seed: int = 0, prompt: torch.Tensor | None = None,
+                log=print) -> list[dict]:
+    """One row per (model, batch, context): tokens/s (median, min-max over `repeats` interleaved rounds), KV-cache
+    bytes, bytes read per step, and (given the measured read `bandwidth`) the read-limited tokens/s.
+
+    Rounds are interleaved, and within a round the models run back to back at each (batch, context), so drift
+    hits every kv_groups alike.
+    """
+    for m in models:
+        m.eval()
+    block = min(m.config.block_size for m in models)
+    ctxs = effective_contexts(contexts, block, new_tokens)
+    cells = [(b, L) for L in ctxs for b in batch_sizes]
+    rates: dict[tuple, list[float]] = {}
+    for r in range(repeats):
+        for b, L in cells:
+            for i, model in enumerate(models):
+                g = torch.Generator().manual_seed(seed + L)
+                rates.setdefault((i, b, L), []).append(time_decode_at(model, b, L, new_tokens, g, prompt))
+        log(f"decode grid round {r + 1}/{repeats} done")
+    rows = []
+    for (i, b, L), values in rates.items():
+        m = models[i]
+        c, read = m.config, bytes_read_per_step(m, b, L)
+        row = {"kv_groups": c.n_kv_groups, "attention": c.attention, "n_head": c.n_head, "batch": b, "context": L,
+               "new_tokens": new_tokens, "dtype": str(m.lm_head.weight.dtype).removeprefix("torch."),
+               "tokens_per_sec": summarize(values), "kv_cache_bytes": b * L * cache_bytes_per_token(m),
+               "weight_bytes": decode_weight_bytes(m), "bytes_read_per_step": read}
+        if bandwidth:
+            row["read_limit_tokens_per_sec"] = b * bandwidth / read
+            row["fraction_of_read_limit"] = statistics.median(values) / row["read_limit_tokens_per_sec"]
+        rows.append(row)
+    return rows
+
+
+def budget_rows(models: list[GPT], contexts: list[int], budget_gb: float) -> list[dict]:
+    """Largest batch in `budget_gb` (weights + KV cache, in each model's dtype) per kv_groups and context."""
+    out = []
+    for m in models:
+        for L in contexts:
+            out.append({"kv_groups": m.config.n_kv_groups, "attention": m.config.attention, "context": L,
+                        "budget_gb": budget_gb,
+                        "largest_batch": largest_batch(budget_gb * 1e9, sum(p.numel() * p.element_size()
+                                                                             for p in m.parameters()),
+                                                       cache_bytes_per_token(m), L)})
+    return out
+
+
+def mqa_over_mha(rows: list[dict], batch: int, context: int) -> dict | None:
+    """At (batch, context): MHA's bytes read per step over MQA's (the bound on MQA's speed-up when decode is
+    bound by reading) next to the achieved tokens/s ratio. None unless both MHA and MQA rows are there."""
+    at = {r["attention"]: r for r in rows if r["batch"] == batch and r["context"] == context}
+    if "mha" not in at or "mqa" not in at:
+        return None
+    mha, mqa = at["mha"], at["mqa"]
+    return {"batch": batch, "context": context,
+            "bound": mha["bytes_read_per_step"] / mqa["bytes_read_per_step"],
+            "achieved": mqa["tokens_per_sec"]["median"] / mha["tokens_per_sec"]["median"]}
+
+
+def format_grid(rows: list[dict], budget: list[dict], ratio: dict | None) -> str:
+    lines = [f"{'decode grid':<12} {'kv':>3} {'batch':>5} {'ctx':>5} {'tokens/s':>9} {'min-max':>15} "
+             f"{'KV cache MB':>11} {'read/step MB':>12} {'% read limit':>12}"]
+    for r in sorted(rows, key=lambda r: (r["context"], r["batch"], -r["kv_groups"])):
+        t = r["tokens_per_sec"]
+        pct = f"{r['fraction_of_read_limit']:.0%}" if "fraction_of_read_limit" in r else "-"
+        lines.append(f"{r['attention']:<12} {r['kv_groups']:>3} {r['batch']:>5} {r['context']:>5} "
+                     f"{t['median']:>9.1f} {t['min']:>7.1f}-{t['max']:<7.1f} {r['kv_cache_bytes'] / 1e6:>11.1f} "
+                     f"{r['bytes_read_per_step'] / 1e6:>12.1f} {pct:>12}")
+    if budget:
+        ctxs = sorted({b["context"] for b in budget})
+        lines += ["", f"largest batch in {budget[0]['budget_gb']:g} GB (weights + KV cache), by context:",
+                  f"{'kv_groups':>9} " + " ".join(f"{c:>7}" for c in ctxs)]
+        for g in sorted({b["kv_groups"] for b in budget}, reverse=True):
+            cells = {b["context"]: b["largest_batch"] for b in budget if b["kv_groups"] == g}
+            lines.append(f"{g:>9} " + " ".join(f"{cells[c]:>7}" for c in ctxs))
+    if ratio:
+        lines += ["", f"MQA / MHA at batch {ratio['batch']}, context {ratio['context']}: achieved "
+                      f"{ratio['achieved']:.2f}x, bytes-read bound {ratio['bound']:.2f}x"]
+    return "\n".join(lines)
+
+
+def plot_grid(rows: list[dict], budget: list[dict], out_dir: Path) -> list[Path]:
+    """decode_vs_kv_groups.png (one line per batch, context) and largest_batch_vs_kv_groups.png (one per context)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for b, L in sorted({(r["batch"], r["context"]) for r in rows}):
+        pts = sorted((r["kv_groups"], r["tokens_per_sec"]["median"]) for r in rows
+                     if r["batch"] == b and r["context"] == L)
+        ax.plot(*zip(*pts), marker="o", label=f"batch {b}, context {L}")
+    ax.set(xscale="log", yscale="log", xlabel="kv_groups (KV heads)", ylabel="decode tokens/s",
+           title="Decode speed against KV heads")
+    ax.set_xticks(sorted({r["kv_groups"] for r in rows}), labels=sorted({r["kv_groups"] for r in rows}))
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    paths.append(out_dir / "decode_vs_kv_groups.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    if budget:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for L in sorted({b["context"] for b in budget}):
+            pts = sorted((b["kv_groups"], b["largest_batch"]) for b in budget if b["context"] == L)
+            ax.plot(*zip(*pts), marker="o", label=f"context {L}")
+        ax.set(xscale="log", xlabel="kv_groups (KV heads)", ylabel="largest batch",
+               title=f"Largest batch in {budget[0]['budget_gb']:g} GB (weights + KV cache)")
+        ax.set_xticks(sorted({b["kv_groups"] for b in budget}), labels=sorted({b["kv_groups"] for b in budget}))
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out_dir / "largest_batch_vs_kv_groups.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,84 @@
+"""Attention kernels behind `CausalSelfAttention`: the grouped form for decode, and which SDPA path training takes.
+
+Query head i reads KV head i // (n_head // G) (contiguous groups). Two ways to honour that:
+- decode (a few new tokens against a KV cache of G heads): `grouped_attention` folds each KV head's group of
+  query heads into the query dimension, (B, G, n_head/G * T, hd) against (B, G, L, hd): plain batched matmuls
+  that read each cached key and value once per step, with no copy of K/V to n_head heads;
+- training and prefill: SDPA. Its fused kernels do not all take `enable_gqa` (on CUDA, flash and cuDNN may
+  refuse it, and in fp32 GQA can fall back to the math path while MHA gets a fused kernel), so at its first call
+  an attention layer asks SDPA which backend it would pick for GQA and for MHA at the same shape
+  (`sdpa_backend`) and expands K/V to n_head heads when that gets a faster kernel (`expand_kv_for_speed`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+GROUPED_MAX_T = 8  # new tokens per step up to which decode against a cache takes the grouped form
+
+# SDPA backends from fastest to slowest, as a rule of thumb: the fused kernels, then the unfused math path.
+BACKEND_RANK = {"flash_attention": 0, "cudnn_attention": 0, "efficient_attention": 1, "overrideable": 2, "math": 3}
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of T new queries (B, n_head, T, hd) against the L = cached + T keys/values (B, G, L, hd).
+
+    The new queries are the last T positions: query t sees keys 0 .. L - T + t. Scores and softmax in fp32 for
+    bf16 inputs (as SDPA's math path); returns (B, n_head, T, hd).
+    """
+    B, nh, T, hd = q.shape
+    G, L = k.size(1), k.size(2)
+    qg = q.reshape(B, G, nh // G * T, hd) * (1.0 / math.sqrt(hd))  # (B, G, R*T, hd): row r*T + t is head g*R + r
+    att = torch.matmul(qg, k.transpose(-2, -1)).float()  # (B, G, R*T, L)
+    if T > 1:  # a chunk: its own later tokens are in the future
+        future = torch.ones(T, L, dtype=torch.bool, device=q.device).triu_(L - T + 1)  # (T, L)
+        att = att.masked_fill(future.repeat(nh // G, 1), float("-inf"))
+    y = torch.matmul(att.softmax(dim=-1).to(v.dtype), v)  # (B, G, R*T, hd)
+    return y.view(B, nh, T, hd)
+
+
+def expand_kv_for_speed(gqa_backend: str, mha_backend: str) -> bool:
+    """True when SDPA would run GQA (`enable_gqa`) on a slower backend than MHA at the same shape gets.
+
+    Backends are SDPBackend names in lower case ("flash_attention", "efficient_attention", "math", ...). Then
+    expanding K/V to n_head heads (one copy per layer) buys the fused kernel MHA uses.
+    """
+    return BACKEND_RANK.get(gqa_backend, 3) > BACKEND_RANK.get(mha_backend, 3)
+
+
+def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, is_causal: bool,
+                 enable_gqa: bool) -> str:
+    """The backend SDPA's dispatcher picks for these inputs (respecting any `sdpa_kernel` context), in lower case."""
+    choice = torch._fused_sdp_choice(q, k, v, None, dropout_p, is_causal, enable_gqa=enable_gqa)
+    return SDPBackend(choice).name.lower()
+
+
+def choose_sdpa_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, is_causal: bool,
+                     probe=None) -> tuple[bool, str]:
+    """(expand K/V?, a label of the path) for GQA inputs q (B, n_head, T, hd), k/v (B, G, T, hd).
+
+    MHA at the same shape is probed with q standing in for the expanded K/V (same shape, dtype and device).
+    MHA inputs (k with n_head heads) just get their backend named. `probe` defaults to `sdpa_backend`.
+    """
+    probe = probe or sdpa_backend
+    if k.size(1) == q.size(1):
+        return False, probe(q, k, v, dropout_p, is_causal, False)
+    gqa = probe(q, k, v, dropout_p, is_causal, True)
+    mha = probe(q, q, q, dropout_p, is_causal, False)
+    if expand_kv_for_speed(gqa, mha):
+        return True, f"{mha} (K/V expanded; enable_gqa would take {gqa})"
+    return False, f"{gqa} (enable_gqa)"
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, is_causal: bool,
+         expand_kv: bool) -> torch.Tensor:
+    """SDPA of q (B, n_head, T, hd) against k, v (B, G, S, hd), GQA either native or with K/V expanded."""
+    n_rep = q.size(1) // k.size(1)
+    if n_rep > 1 and expand_kv:
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, n_head, S, hd)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal,
+                                          enable_gqa=q.size(1) != k.size(1))

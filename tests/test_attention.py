@@ -1,0 +1,149 @@
+"""Decode against the KV cache in the grouped form, and the SDPA path training takes for GQA."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.model.attention import (GROUPED_MAX_T, choose_sdpa_path, expand_kv_for_speed,
+                                           grouped_attention)
+
+ATTENTIONS = {"mha": 4, "gqa": 2, "mqa": 1}  # kv_groups at 4 heads
+
+
+def tiny(kv_groups=2, dtype=torch.float32, **kw) -> GPT:
+    torch.manual_seed(0)
+    args = dict(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_kv_groups=kv_groups, n_embd=32) | kw
+    return GPT(GPTConfig(**args)).to(dtype).eval()
+
+
+def cached_features(model, idx, prefill: int, chunk: int) -> torch.Tensor:
+    """hidden_states of idx (B, T): prefill `prefill` tokens into an empty cache, then feed `chunk` at a time."""
+    cache = model.new_cache(idx.size(0))
+    out = [model.hidden_states(idx[:, :prefill], cache)]
+    for s in range(prefill, idx.size(1), chunk):
+        out.append(model.hidden_states(idx[:, s:s + chunk], cache))
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
+def test_one_token_decode_equals_the_uncached_sdpa_path(kv_groups, batch):
+    model = tiny(kv_groups)
+    idx = torch.randint(0, 100, (batch, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(cached_features(model, idx, prefill=5, chunk=1), model.hidden_states(idx),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [3, GROUPED_MAX_T, GROUPED_MAX_T + 3])  # grouped form, and SDPA with a mask
+@pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
+def test_a_chunk_against_the_cache_is_causal_inside_the_chunk(kv_groups, chunk):
+    model = tiny(kv_groups)
+    idx = torch.randint(0, 100, (3, 5 + 2 * chunk))
+    with torch.no_grad():
+        torch.testing.assert_close(cached_features(model, idx, prefill=5, chunk=chunk), model.hidden_states(idx),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_attention_equals_sdpa_with_expanded_heads():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 3, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
+    mask = torch.ones(3, 11, dtype=torch.bool).tril_(8)  # the 3 queries are positions 8, 9, 10
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask)
+    torch.testing.assert_close(grouped_attention(q, k, v), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_decode_stays_close_to_fp32():
+    fp32, bf16 = tiny(1), tiny(1, dtype=torch.bfloat16)
+    idx = torch.randint(0, 100, (3, 16))
+    with torch.no_grad():
+        a = cached_features(fp32, idx, prefill=4, chunk=1)
+        b = cached_features(bf16, idx, prefill=4, chunk=1)
+    assert b.dtype == torch.bfloat16
+    torch.testing.assert_close(b.float(), a, atol=0.1, rtol=0.05)
+
+
+class Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("kv_groups", [2, 1], ids=["gqa", "mqa"])
+def test_decode_step_never_expands_kv_to_query_heads_and_the_cache_keeps_g_heads(kv_groups):
+    model = tiny(kv_groups)
+    cache = model.new_cache(3)
+    with torch.no_grad():
+        model.hidden_states(torch.randint(0, 100, (3, 12)), cache)
+        with Shapes() as mode:
+            model.hidden_states(torch.randint(0, 100, (3, 1)), cache)
+    hd = 8
+    assert (3, 4, 13, hd) not in mode.shapes and (3, 4, 32, hd) not in mode.shapes  # no K/V with n_head heads
+    assert all(k.shape == (3, kv_groups, 32, hd) for k in cache.k + cache.v)
+    assert cache.length == 13
+
+
+def test_expand_kv_when_gqa_would_take_a_slower_backend():
+    assert expand_kv_for_speed("math", "flash_attention")  # e.g. fp32 GQA on CUDA
+    assert expand_kv_for_speed("efficient_attention", "flash_attention")  # flash refusing enable_gqa
+    assert not expand_kv_for_speed("flash_attention", "flash_attention")  # the CPU, or flash taking GQA
+    assert not expand_kv_for_speed("efficient_attention", "efficient_attention")
+    assert not expand_kv_for_speed("math", "math")
+
+
+def test_choose_sdpa_path_asks_for_gqa_and_the_same_shape_as_mha():
+    asked = []
+
+    def probe(q, k, v, dropout_p, is_causal, enable_gqa):
+        asked.append((k.size(1), enable_gqa))
+        return "math" if enable_gqa else "flash_attention"
+
+    q, k = torch.randn(2, 8, 5, 16), torch.randn(2, 2, 5, 16)
+    expand, label = choose_sdpa_path(q, k, k, 0.0, True, probe=probe)
+    assert asked == [(2, True), (8, False)]
+    assert expand and label == "flash_attention (K/V expanded; enable_gqa would take math)"
+
+
+def test_attention_expands_kv_where_the_probe_says_so_with_the_same_output(monkeypatch):
+    import gpt_lightning.model.attention as attention
+
+    model = tiny(2).train()
+    x = torch.randint(0, 100, (2, 16))
+    native = model.hidden_states(x)
+    assert model.transformer.h[0].attn.sdpa_path == "flash_attention (enable_gqa)"  # this CPU's answer
+
+    slow_gqa = lambda q, k, v, p, c, enable_gqa: "math" if enable_gqa else "flash_attention"  # noqa: E731
+    monkeypatch.setattr(attention, "sdpa_backend", slow_gqa)
+    fresh = tiny(2).train()
+    expanded = fresh.hidden_states(x)
+    attn = fresh.transformer.h[0].attn
+    assert attn.sdpa_path.startswith("flash_attention (K/V expanded")
+    assert attn.sdpa_paths[("cpu", torch.float32, False)][0] is True
+    torch.testing.assert_close(expanded, native, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["onednn", "transposed"])
+@pytest.mark.parametrize("rows", [1, 8, 32, 64])
+def test_decode_linear_layouts_compute_f_linear_at_every_decode_batch(layout, rows):
+    from gpt_lightning.model.sampling import cpu_matvec_layout
+
+    model = tiny(2, vocab_size=300)
+    x = torch.randn(rows, 32)
+    with torch.no_grad():
+        ref = [model.lm_head(x), model.transformer.h[0].attn.c_attn(x[:, None])]
+        with cpu_matvec_layout(model, rows=rows, layout=layout):
+            got = [model.lm_head(x), model.transformer.h[0].attn.c_attn(x[:, None])]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert "forward" not in model.lm_head.__dict__  # the layout is gone after the context

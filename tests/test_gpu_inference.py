@@ -1,0 +1,69 @@
+"""CUDA twins of the inference tests (issue 11): grouped decode, the fused LM-head loss, the SDPA path choice.
+Run by `bash tests/gpu/check.sh` on a GPU machine (`pytest -m gpu`); skipped where there is no CUDA."""
+
+import pytest
+import torch
+
+from gpt_lightning.model import GPT, GPTConfig
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bash tests/gpu/check.sh)")]
+
+
+def tiny(kv=2):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=1000, block_size=64, n_layer=2, n_head=8, n_kv_groups=kv, n_embd=128)).cuda()
+
+
+@pytest.mark.parametrize("kv", [8, 2, 1])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_grouped_decode_equals_the_uncached_path_on_cuda(kv, batch):
+    model = tiny(kv).eval()
+    idx = torch.randint(0, 1000, (batch, 24), device="cuda")
+    with torch.no_grad():
+        cache = model.new_cache(batch)
+        steps = [model.hidden_states(idx[:, :8], cache)] + [model.hidden_states(idx[:, i:i + 1], cache)
+                                                             for i in range(8, 24)]
+        torch.testing.assert_close(torch.cat(steps, 1), model.hidden_states(idx), atol=1e-5, rtol=1e-5)
+    assert all(k.shape == (batch, kv, 64, 16) for k in cache.k + cache.v)
+
+
+def test_grouped_decode_in_bf16_stays_close_on_cuda():
+    fp32 = tiny(2).eval()
+    bf16 = tiny(2).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, 1000, (2, 8), device="cuda")
+    with torch.no_grad():
+        a, b = fp32.new_cache(2), bf16.new_cache(2)
+        fp32.hidden_states(prompt, a), bf16.hidden_states(prompt, b)
+        nxt = prompt[:, -1:]
+        torch.testing.assert_close(bf16.hidden_states(nxt, b).float(), fp32.hidden_states(nxt, a), atol=0.1, rtol=0.05)
+
+
+def test_fused_lm_head_loss_equals_cross_entropy_on_cuda():
+    from gpt_lightning.model.loss import lm_head_loss
+
+    torch.manual_seed(0)
+    h = torch.randn(300, 64, device="cuda", requires_grad=True)
+    w = torch.randn(1024, 64, device="cuda", requires_grad=True)
+    t = torch.randint(0, 1000, (300,), device="cuda")
+    loss = lm_head_loss(h, w, t, 1000, chunk_rows=64)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w)[:, :1000], t)
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    for a, b in ((loss, ref), (gh, rh), (gw, rw)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gqa_training_never_takes_a_slower_sdpa_backend_than_mha(dtype):
+    from gpt_lightning.model.attention import BACKEND_RANK, sdpa_backend
+
+    model = tiny(2).train()
+    x = torch.randint(0, 1000, (4, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        model(x, torch.roll(x, -1, 1))
+    path = model.transformer.h[0].attn.sdpa_path
+    q = torch.randn(4, 8, 64, 16, device="cuda", dtype=dtype)
+    mha = sdpa_backend(q, q, q, 0.0, True, False)
+    print(f"{dtype}: GQA path {path}; MHA gets {mha}")
+    assert BACKEND_RANK[path.split()[0]] <= BACKEND_RANK[mha]

@@ -1,0 +1,103 @@
+"""The fused, chunked LM head + loss: F.cross_entropy's value and gradients, without (N, V) buffers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.model.loss import lm_head_loss
+
+N, C, V, VOCAB = 96, 24, 320, 300  # 20 padding rows in the weight
+
+
+def inputs(scale=1.0):
+    torch.manual_seed(0)
+    h = torch.randn(N, C, requires_grad=True)
+    w = (torch.randn(V, C) * scale).requires_grad_()
+    return h, w, torch.randint(0, VOCAB, (N,))
+
+
+def reference(h, w, t):
+    loss = F.cross_entropy(F.linear(h, w)[:, :VOCAB], t)
+    return (loss, *torch.autograd.grad(loss * 3, (h, w)))
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 7, 32, N])
+def test_value_and_gradients_equal_cross_entropy_over_the_real_vocabulary(chunk_rows):
+    h, w, t = inputs()
+    loss = lm_head_loss(h, w, t, VOCAB, chunk_rows)
+    g_h, g_w = torch.autograd.grad(loss * 3, (h, w))
+    ref, r_h, r_w = reference(h, w, t)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_h, r_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_w, r_w, atol=1e-5, rtol=1e-5)
+    assert torch.all(g_w[VOCAB:] == 0)
+
+
+def test_confident_wrong_predictions_keep_a_finite_exact_loss():
+    h, w, t = inputs(scale=30.0)  # logit gaps of hundreds: p[target] underflows fp32
+    loss = lm_head_loss(h, w, t, VOCAB)
+    ref, _, _ = reference(h, w, t)
+    assert ref.item() > 100
+    torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_padding_rows_take_no_probability_mass():
+    h, w, t = inputs()
+    with torch.no_grad():
+        w[VOCAB:] = h[0] * 10  # padding rows that would win every softmax if they counted
+    torch.testing.assert_close(lm_head_loss(h, w, t, VOCAB), reference(h, w, t)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_matches_the_unfused_bf16_head():
+    h, w, t = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lm_head_loss(h, w, t, VOCAB, chunk_rows=32)
+        ref = F.cross_entropy(F.linear(h, w)[:, :VOCAB].float(), t)
+    g_h, g_w = torch.autograd.grad(loss, (h, w))
+    r_h, r_w = torch.autograd.grad(ref, (h, w))
+    assert g_h.dtype == g_w.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(g_h, r_h, atol=1e-3, rtol=2e-2)
+    torch.testing.assert_close(g_w, r_w, atol=1e-3, rtol=2e-2)
+
+
+class LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor):
+                self.largest = max(self.largest, o.numel())
+        return out
+
+
+def test_no_buffer_of_all_rows_by_the_vocabulary_is_ever_made():
+    h, w, t = inputs()
+    with LargestTensor() as mode:
+        lm_head_loss(h, w, t, VOCAB, chunk_rows=32).backward()
+    assert mode.largest <= 32 * V  # one chunk of logits at most; N * V would be 3x that
+
+
+def test_under_no_grad_no_gradient_is_computed():
+    h, w, t = inputs()
+    with torch.no_grad(), LargestTensor() as mode:
+        loss = lm_head_loss(h, w, t, VOCAB, chunk_rows=32)
+    assert not loss.requires_grad and mode.largest == 32 * V  # no (V, C) weight-gradient buffer beside it
+    torch.testing.assert_close(loss, reference(h, w, t)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_gpt_loss_gradients_equal_the_unfused_head_with_tied_weights():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=4, n_kv_groups=2, n_embd=32))
+    x, y = torch.randint(0, 100, (3, 16)), torch.randint(0, 100, (3, 16))
+    model(x, y).backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(fused[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
