@@ -119,10 +119,10 @@ def test_generate_types_are_refused_by_hydra(override):
         cfg("ckpt_path=x.ckpt", override, name="generate")
 
 
-@pytest.mark.parametrize("override", ["decode.repeats=abc", "data.batch_size=abc", "+decode.contexts=[1]"])
+@pytest.mark.parametrize("override", ["decode.repeats=abc", "data.batch_size=abc", "+decode.contxts=[1]"])
 def test_evaluate_types_and_keys_are_checked(override):
     if override.startswith("+"):
-        assert unknown_keys(cfg("ckpt_path=x.ckpt", override, name="evaluate")) == ["decode.contexts"]
+        assert unknown_keys(cfg("ckpt_path=x.ckpt", override, name="evaluate")) == ["decode.contxts"]
     else:
         with pytest.raises(ConfigCompositionException):
             cfg("ckpt_path=x.ckpt", override, name="evaluate")

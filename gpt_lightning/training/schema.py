@@ -146,6 +146,17 @@ class BenchSection:  # conf/bench.yaml
     decode_prompt_tokens: int = MISSING
     decode_new_tokens: int = MISSING
     decode_bf16: bool = MISSING
+    train: bool = MISSING
+    unfused_head: bool = MISSING
+    peak_memory: bool = MISSING
+    profile: bool = MISSING
+    decode_grid: bool = MISSING
+    kv_groups: Optional[List[int]] = MISSING
+    grid_batch_sizes: List[int] = MISSING
+    grid_contexts: List[int] = MISSING
+    grid_new_tokens: int = MISSING
+    memory_budget_gb: float = MISSING
+    plots: bool = MISSING
     json: str = MISSING
 
 
@@ -160,6 +171,9 @@ class DecodeSection:  # conf/evaluate.yaml
     new_tokens: int = MISSING
     batch_sizes: List[int] = MISSING
     repeats: int = MISSING
+    contexts: Optional[List[int]] = None
+    grid_new_tokens: int = 32
+    memory_budget_gb: float = 1.0
 
 
 @dataclass
