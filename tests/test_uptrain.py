@@ -78,3 +78,9 @@ def test_the_parent_takes_the_jobs_overrides_but_not_the_study_keys(tmp_path):
     assert not any(a.startswith(("seed=", "uptrain.method=")) for a in args)
     assert {"uptrain.parent=null", "uptrain.alpha=null", "attention.kv_groups=${attention.n_heads}",
             "hydra.mode=RUN", f"hydra.run.dir={tmp_path / 'parent'}"} <= set(args)
+
+
+def test_the_uptrain_gqa_preset_refuses_to_start_without_a_checkpoint():
+    with pytest.raises(UserError, match="this preset converts an MHA checkpoint: pass init_from="):
+        uptrain.check(cfg("experiment=uptrain_gqa"))
+    assert uptrain.check(cfg("experiment=uptrain_gqa", "init_from=x.ckpt"))["needs_init_from"] is True

@@ -113,6 +113,7 @@ class UptrainConfig:  # conf/config.yaml `uptrain:`; the conversion study (train
     optim: Any = None                   # a mapping of optim keys laid over optim.* when starting from init_from
                                         # weights (Any: OmegaConf cannot override an Optional[Dict] that is null)
     parent: Optional[str] = None        # "train": train the MHA parent first, once per sweep
+    needs_init_from: bool = False       # set by presets that convert a checkpoint (uptrain_gqa): refuse without one
 
 
 @dataclass

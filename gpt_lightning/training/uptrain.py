@@ -49,7 +49,7 @@ def settings(cfg) -> dict:
     """The `uptrain` node as a plain dict with every key present (configs from before it existed: defaults)."""
     node = OmegaConf.select(cfg, "uptrain", default=None)
     node = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-    return {"method": "mean", "alpha": None, "optim": None, "parent": None, **node}
+    return {"method": "mean", "alpha": None, "optim": None, "parent": None, "needs_init_from": False, **node}
 
 
 def check(cfg) -> dict:
@@ -66,6 +66,9 @@ def check(cfg) -> dict:
                         "steps + alpha x steps from scratch)")
     if parent not in (None, "train"):
         raise UserError(f"uptrain.parent={parent!r}: use null, or train (train the MHA parent first)")
+    if u["needs_init_from"] and not cfg.init_from and parent is None:  # a preset that only makes sense from weights
+        raise UserError("this preset converts an MHA checkpoint: pass init_from=<MHA run>/checkpoints/last.ckpt "
+                        "(e.g. experiment=uptrain_gqa init_from=outputs/runs/<mha run>/checkpoints/last.ckpt)")
     if parent == "train" and cfg.init_from:
         raise UserError(f"uptrain.parent=train trains its own parent, but init_from={cfg.init_from} is set too; "
                         f"drop one of them")
