@@ -72,8 +72,9 @@ def lightning_tokens_per_sec(cfg: DictConfig, steps: int, warmup: int, precision
     return clock.tokens / clock.elapsed
 
 
-def check_bench(cfg: DictConfig) -> None:
-    """Refuse bad bench settings before anything is built or timed."""
+def check_bench_grid(cfg: DictConfig) -> None:
+    """Refuse bad decode-grid and budget settings before anything is built or timed (the common bench.* ranges are
+    config_checks.check_bench's)."""
     b = cfg.bench
     for key in ("steps", "repeats", "grid_new_tokens"):
         if int(b[key]) < 1:
@@ -103,8 +104,8 @@ def sdpa_paths(model) -> str:
 def bench(cfg: DictConfig) -> RunRecord:
     check_config(cfg)  # the model/data/trainer keys, as train checks them
     check_bench(cfg.bench)
+    check_bench_grid(cfg)
     b = cfg.bench
-    check_bench(cfg)
     keep_freed_memory()
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()

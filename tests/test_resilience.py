@@ -249,8 +249,8 @@ def test_skip_invalid_runs_the_valid_jobs_and_records_the_invalid_one(corpus, tm
               "trainer.val_check_interval=2", "hydra.sweep.dir=sweep", multirun=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "warning: skipping 1 invalid job(s) of 2 (sweep.skip_invalid=true):" in r.stderr
-    assert RunRecord.load(tmp_path / "sweep" / "1_mqa_h4_kv1" / "summary.json").status == "complete"
-    skipped = RunRecord.load(tmp_path / "sweep" / "0_gqa_h4_kv3" / "summary.json")
+    assert RunRecord.load(tmp_path / "sweep" / "1_mqa_h4_kv1_s1337" / "summary.json").status == "complete"
+    skipped = RunRecord.load(tmp_path / "sweep" / "0_gqa_h4_kv3_s1337" / "summary.json")
     assert (skipped.status, skipped.error) == ("failed", "attention.kv_groups=3 does not divide attention.n_heads=4; "
                                                          "pick a divisor of 4")
 
@@ -259,7 +259,7 @@ def test_a_job_that_fails_at_run_time_is_recorded_and_the_sweep_goes_on(corpus, 
     r = train(corpus, tmp_path, "ckpt_path=nowhere.ckpt,null", "trainer.max_steps=2", "trainer.val_check_interval=2",
               "hydra.sweep.dir=sweep", multirun=True)
     assert r.returncode == 1, r.stderr[-3000:]
-    failed, done = sorted((tmp_path / "sweep").glob("*_gqa_h4_kv2"))
+    failed, done = sorted((tmp_path / "sweep").glob("*_gqa_h4_kv2_s1337"))
     record = RunRecord.load(failed / "summary.json")
     assert (record.status, record.error) == ("failed", "ckpt_path=nowhere.ckpt: no such file; pass an existing "
                                                        ".ckpt, or ckpt_path=last")
@@ -291,7 +291,7 @@ def test_typed_garbage_on_the_command_line_is_one_line(corpus, tmp_path, overrid
 @pytest.mark.parametrize("entry, override, message", [
     ("generate", "seed=abc", "error: Error merging override seed=abc: Value 'abc' of type 'str' could not be"),
     ("generate", "temperature=abc", "error: Error merging override temperature=abc: Value 'abc' of type 'str'"),
-    ("evaluate", "+decode.contexts=[64]", "error: unknown config key decode.contexts"),
+    ("evaluate", "+decode.contxts=[64]", "error: unknown config key decode.contxts"),
     ("bench", "bench.steps=0", "error: bench.steps=0 must be >= 1"),
 ])
 def test_generate_evaluate_and_bench_refuse_bad_values_in_one_line(tmp_path, entry, override, message):

@@ -101,6 +101,10 @@ class SweepGuard(Callback):
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
+
+        if config.hydra.mode != RunMode.MULTIRUN:  # a single run reports its own failure
+            return
 
         from gpt_lightning.training.run_record import TRAIN_RECORD, RecordError, RunRecord
 
