@@ -108,9 +108,9 @@ def study_home(run_dir: Path) -> Path:
 
 def train(cfg: DictConfig) -> dict:
     """Train, test on the test split with the best checkpoint, write the run record; return the final metrics."""
+    up = uptrain.check(cfg)  # bad uptrain.* settings: one line, before any work
     check_config(cfg)  # every range and consistency rule (and the memory a step needs), before any work
     keep_freed_memory()
-    up = uptrain.check(cfg)  # bad uptrain.* settings: one line, before any work
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     launch_dir = Path(get_original_cwd())

@@ -278,6 +278,8 @@ def train_command(corpus, *overrides: str, multirun: bool = False) -> list[str]:
 
 
 TRAIN_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+if (SHARED / "tiktoken_cache").is_dir():  # the subprocesses find the offline encodings too
+    TRAIN_ENV.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 
 
 def run_train(corpus, cwd, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:

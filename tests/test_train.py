@@ -224,12 +224,12 @@ def test_the_conversion_study_trains_its_parent_once_then_every_arm(corpus, tmp_
     assert (parent.attention, parent.global_step) == ("mha", 10)
     steps = {job.name.split("_", 1)[1]: RunRecord.load(job / "summary.json") for job in study.glob("[0-9]*")}
     assert {name: r.global_step for name, r in steps.items()} == {
-        "first_a0_gqa_kv2_s1337": 0, "first_a0.5_gqa_kv2_s1337": 5,  # alpha x the parent's 10 steps
-        "scratch_a0_gqa_kv2_s1337": 10, "scratch_a0.5_gqa_kv2_s1337": 15}  # the parent's steps + alpha x steps
-    converted = steps["first_a0_gqa_kv2_s1337"]  # evaluated right after conversion, and saved for evaluate
+        "first_a0.0_gqa_kv2_s1337": 0, "first_a0.5_gqa_kv2_s1337": 5,  # alpha x the parent's 10 steps
+        "scratch_a0.0_gqa_kv2_s1337": 10, "scratch_a0.5_gqa_kv2_s1337": 15}  # the parent's steps + alpha x steps
+    converted = steps["first_a0.0_gqa_kv2_s1337"]  # evaluated right after conversion, and saved for evaluate
     assert converted.details["uptrain"]["method"] == "first" and converted.test_loss > 0
-    assert (study / "0_first_a0_gqa_kv2_s1337" / "checkpoints" / "last.ckpt").is_file()
-    assert converted.test_loss < steps["scratch_a0_gqa_kv2_s1337"].test_loss + 1  # sanity: it kept the parent's weights
+    assert (study / "0_first_a0.0_gqa_kv2_s1337" / "checkpoints" / "last.ckpt").is_file()
+    assert converted.test_loss < steps["scratch_a0.0_gqa_kv2_s1337"].test_loss + 1  # sanity: it kept the parent's weights
     result = subprocess.run([sys.executable, "-m", "gpt_lightning.compare", str(study)], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
