@@ -105,10 +105,10 @@ def test_tensorboard_and_csv_together(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_a_csv_only_run_is_compared_from_its_csv(corpus, tmp_path):
-    result = train(corpus, tmp_path, "hydra.run.dir=runs/only_csv", "logger=csv")
+    result = train(corpus, tmp_path, "hydra.run.dir=runs/only_csv", "logger=csv", "attention=mha")  # the baseline
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "runs" / "only_csv" / "tb").exists()
-    rows = compare(tmp_path / "runs")
+    rows = compare(tmp_path / "runs").rows
     assert rows[0]["curves"] == "csv" and len(rows[0]["val_curve"]) == 2  # validations at steps 10 and 20
     assert rows[0]["status"] == "complete" and rows[0]["best_val_loss"] is not None
     assert "No TensorBoard events in only_csv" in (tmp_path / "runs" / "comparison.md").read_text()

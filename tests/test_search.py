@@ -139,8 +139,8 @@ def test_each_arm_gets_its_own_study_and_a_rerun_continues(corpus, tmp_path):
     again = search(corpus, tmp_path, "attention.kv_groups=1,2", "hydra.sweeper.n_trials=2")  # same sweep dir
     assert again.returncode == 0, again.stderr[-3000:]
     assert studies(sweep / "optuna.db") == {"lr[attention.kv_groups=1]": 2, "lr[attention.kv_groups=2]": 2}
-    assert sorted(d.name for d in sweep.glob("*_kv*")) == ["0_mqa_h4_kv1", "1_gqa_h4_kv2", "2_mqa_h4_kv1",
-                                                           "3_gqa_h4_kv2"]  # new job folders, none reused
+    assert sorted(d.name for d in sweep.glob("*_kv*")) == ["0_mqa_h4_kv1_s1337", "1_gqa_h4_kv2_s1337",
+                                                           "2_mqa_h4_kv1_s1337", "3_gqa_h4_kv2_s1337"]  # new job folders, none reused
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert [a["arm"] for a in results["arms"]] == [{"attention.kv_groups": 1}, {"attention.kv_groups": 2}]
     for arm in results["arms"]:

@@ -134,7 +134,11 @@ class SweepGuard(Callback):
         if self.skipped and not self.failed:
             print(f"warning: {len(self.skipped)} invalid job(s) were skipped (sweep.skip_invalid=true); "
                   f"the others completed", file=sys.stderr)
+        if self.failed and not self.jobs:  # a search sweeper (not enumerated): a failed trial is a study outcome
+            print(f"warning: {len(self.failed)} trial(s) failed (recorded as failed in the study; each run "
+                  f"directory's summary.json and train.log say why):\n" + "\n".join(self.failed), file=sys.stderr)
+            return
         if self.failed:
-            print(f"error: {len(self.failed)} of {self.jobs or '?'} sweep jobs failed; each run directory's "
+            print(f"error: {len(self.failed)} of {self.jobs} sweep jobs failed; each run directory's "
                   f"summary.json and train.log say why:\n" + "\n".join(self.failed), file=sys.stderr)
             sys.exit(1)
