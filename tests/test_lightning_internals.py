@@ -43,3 +43,20 @@ def test_throughput_monitor_keeps_its_throughputs_where_mfu_setup_patches_them(t
 def test_compute_dtype_follows_the_public_precision_string():
     assert compute_dtype("bf16-mixed") is torch.bfloat16 and compute_dtype("16-mixed") is torch.float16
     assert compute_dtype("32-true") is torch.float32
+
+
+def test_last_checkpoint_holds_the_final_step_when_training_ends_between_validations(tmp_path):
+    """max_steps=7 with validation every 5 steps: stock ModelCheckpoint's last.ckpt stays at step 5."""
+    from gpt_lightning.training.callbacks import RunCheckpoint
+
+    checkpoint = RunCheckpoint(dirpath=tmp_path / "ckpt", monitor="valid_loss", save_last=True, save_top_k=1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=7, val_check_interval=5, limit_val_batches=2,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[checkpoint])
+
+    class Model(BoringModel):
+        def validation_step(self, batch, batch_idx):
+            self.log("valid_loss", self.step(batch))
+
+    trainer.fit(Model())
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 7
+    assert [p.name for p in (tmp_path / "ckpt").glob("epoch=*")] == ["epoch=0-step=5.ckpt"]  # best stays at val

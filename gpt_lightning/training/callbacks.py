@@ -139,6 +139,15 @@ class RunCheckpoint(ModelCheckpoint):
         # The same key as ModelCheckpoint's, so checkpoints written with either restore into either.
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """`last.ckpt` holds the final step. Stock ModelCheckpoint writes it after validation only (and at train end
+        only when it never wrote one), so a run with max_steps=7 and val_check_interval=5 ended with a step-5
+        `last.ckpt`: `ckpt_path=last` then redid steps 6 and 7, and an exported model missed them."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        super().on_train_end(trainer, pl_module)
+
     def load_state_dict(self, state_dict: dict) -> None:
         saved_dir = state_dict.get("dirpath")
         if self.dirpath is not None and saved_dir is not None and \
