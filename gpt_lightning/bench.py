@@ -73,6 +73,8 @@ def lightning_tokens_per_sec(cfg: DictConfig, steps: int, warmup: int, precision
 def check_bench(cfg: DictConfig) -> None:
     """Refuse bad bench settings before anything is built or timed."""
     b = cfg.bench
+    if b.threads is not None and (not isinstance(b.threads, int) or b.threads < 1):
+        raise UserError(f"bench.threads={b.threads} must be a positive integer, or null for torch's default")
     for key in ("steps", "repeats", "grid_new_tokens"):
         if int(b[key]) < 1:
             raise UserError(f"bench.{key}={b[key]} must be >= 1")
@@ -102,6 +104,8 @@ def bench(cfg: DictConfig) -> RunRecord:
     b = cfg.bench
     check_bench(cfg)
     keep_freed_memory()
+    if b.threads:  # e.g. 1 on a shared machine: a lone thread keeps its pace when others take the other cores
+        torch.set_num_threads(b.threads)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
                           else "cpu")
