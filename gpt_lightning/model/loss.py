@@ -35,8 +35,8 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
 class LMHeadLoss(torch.autograd.Function):
     """The LM head and the cross-entropy in row chunks, gradients computed in the forward pass.
 
-    Per chunk of rows: logits (rows, V) by one matmul into a buffer reused by every chunk; the row max; the
-    softmax in fp32 (in place in fp32, else into one fp32 buffer); the loss lse - logit[target] with
+    Per chunk of rows: logits (rows, V) by one matmul into a buffer reused by every chunk (under bf16 copied once
+    into an fp32 buffer); then in place in fp32: the row max, the softmax, the loss lse - logit[target] with
     lse = max + log(sum) = max - log(max p) (max p >= 1/V never underflows, where log(p[target]) could); and,
     when a backward will follow, the gradient (softmax - onehot) / N written back over the logits, then folded at
     once into grad_hidden (rows, C) and grad_weight (V, C). Only those two (the size of the inputs) are kept for
@@ -63,10 +63,11 @@ class LMHeadLoss(torch.autograd.Function):
                 hs, t = h[s:s + rows], targets[s:s + rows, None]  # (n, C), (n, 1)
                 n = hs.size(0)
                 logits = torch.mm(hs, w.t(), out=buffer[:n])  # (n, V_padded) in dtype
-                logits[:, vocab:] = float("-inf")  # padding columns: no probability mass, zero gradient
-                m = logits.amax(dim=1, keepdim=True).float()  # (n, 1)
-                x_t = logits.gather(1, t).float()  # (n, 1)
-                p = torch.softmax(logits, dim=1, dtype=torch.float32, out=probs[:n])  # (n, V) fp32
+                x = logits if probs is buffer else probs[:n].copy_(logits)  # (n, V_padded) fp32
+                x[:, vocab:] = float("-inf")  # padding columns: no probability mass, zero gradient
+                m = x.amax(dim=1, keepdim=True)  # (n, 1)
+                x_t = x.gather(1, t)  # (n, 1)
+                p = torch.softmax(x, dim=1, out=x)  # (n, V_padded) fp32, in place
                 lse = m - p.amax(dim=1, keepdim=True).log()  # p at the max is exp(0) / sum = 1 / sum
                 total += (lse - x_t).sum()
                 if need_grad:
