@@ -76,6 +76,8 @@ def check_bench_grid(cfg: DictConfig) -> None:
     """Refuse bad decode-grid and budget settings before anything is built or timed (the common bench.* ranges are
     config_checks.check_bench's)."""
     b = cfg.bench
+    if b.threads is not None and (not isinstance(b.threads, int) or b.threads < 1):
+        raise UserError(f"bench.threads={b.threads} must be a positive integer, or null for torch's default")
     for key in ("steps", "repeats", "grid_new_tokens"):
         if int(b[key]) < 1:
             raise UserError(f"bench.{key}={b[key]} must be >= 1")
@@ -107,6 +109,8 @@ def bench(cfg: DictConfig) -> RunRecord:
     check_bench_grid(cfg)
     b = cfg.bench
     keep_freed_memory()
+    if b.threads:  # e.g. 1 on a shared machine: a lone thread keeps its pace when others take the other cores
+        torch.set_num_threads(b.threads)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
                           else "cpu")
@@ -139,6 +143,12 @@ def bench(cfg: DictConfig) -> RunRecord:
         m, o = ours(cls=UnfusedHeadGPT)
         contenders.append(TrainContender("ours fp32, unfused LM head (before)", m, o, x, y, clip=clip))
         memory_specs["ours fp32, unfused LM head (before)"] = dict(spec, kind="ours_unfused")
+        if bf16:
+            m, o = ours(cls=UnfusedHeadGPT)
+            contenders.append(TrainContender("ours bf16-mixed, unfused LM head (before)", m, o, x, y,
+                                             autocast_dtype=torch.bfloat16, clip=clip))
+            memory_specs["ours bf16-mixed, unfused LM head (before)"] = dict(spec, kind="ours_unfused",
+                                                                              autocast="bf16")
     if b.compile and b.train:
         m, o = ours(compile_=True)
         contenders.append(TrainContender(f"ours {'bf16-mixed' if bf16 else 'fp32'} compiled", m, o, x, y,
@@ -298,9 +308,10 @@ def ratios(r: dict) -> dict:
         out["train: ours fp32 / HF fp32"] = t["ours fp32"] / hf
         if "ours bf16-mixed" in t:
             out["train: ours bf16-mixed / HF fp32"] = t["ours bf16-mixed"] / hf
-    before = next((v for k, v in t.items() if "unfused" in k), None)
-    if before:
-        out["train: ours fp32 / unfused LM head (before)"] = t["ours fp32"] / before
+    for p in ("fp32", "bf16-mixed"):
+        before = t.get(f"ours {p}, unfused LM head (before)")
+        if before and f"ours {p}" in t:
+            out[f"train: ours {p} / unfused LM head (before)"] = t[f"ours {p}"] / before
     lightning = next((v for k, v in t.items() if k.startswith("Lightning")), None)
     if lightning:
         bare = t.get("ours bf16-mixed") if "bf16" in next(k for k in t if k.startswith("Lightning")) else t["ours fp32"]

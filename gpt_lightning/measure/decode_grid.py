@@ -178,17 +178,30 @@ def plot_grid(rows: list[dict], budget: list[dict], out_dir: Path) -> list[Path]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullLocator
+
+    def kv_axis(ax, groups):
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(groups, labels=[str(g) for g in groups])
+        ax.set_xlabel("kv_groups (KV heads)")
+
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for b, L in sorted({(r["batch"], r["context"]) for r in rows}):
-        pts = sorted((r["kv_groups"], r["tokens_per_sec"]["median"]) for r in rows
-                     if r["batch"] == b and r["context"] == L)
-        ax.plot(*zip(*pts), marker="o", label=f"batch {b}, context {L}")
-    ax.set(xscale="log", yscale="log", xlabel="kv_groups (KV heads)", ylabel="decode tokens/s",
-           title="Decode speed against KV heads")
-    ax.set_xticks(sorted({r["kv_groups"] for r in rows}), labels=sorted({r["kv_groups"] for r in rows}))
-    ax.legend(fontsize=7, ncol=2)
+    groups = sorted({r["kv_groups"] for r in rows})
+    contexts, batches = sorted({r["context"] for r in rows}), sorted({r["batch"] for r in rows})
+    colors = plt.get_cmap("viridis")([i / max(1, len(contexts) - 1) * 0.85 for i in range(len(contexts))])
+    styles = ["-", "--", "-.", ":", (0, (1, 3)), (0, (5, 2, 1, 2))]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for ci, L in enumerate(contexts):  # color: context; line style and marker: batch
+        for bi, b in enumerate(batches):
+            pts = sorted((r["kv_groups"], r["tokens_per_sec"]["median"]) for r in rows
+                         if r["batch"] == b and r["context"] == L)
+            ax.plot(*zip(*pts), color=colors[ci], linestyle=styles[bi % len(styles)], marker="os^Dvx"[bi % 6],
+                    label=f"batch {b}, context {L}")
+    kv_axis(ax, groups)
+    ax.set(yscale="log", ylabel="decode tokens/s (median)", title="Decode speed against KV heads")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     paths.append(out_dir / "decode_vs_kv_groups.png")
     fig.savefig(paths[-1], dpi=120)
@@ -198,9 +211,9 @@ def plot_grid(rows: list[dict], budget: list[dict], out_dir: Path) -> list[Path]
         for L in sorted({b["context"] for b in budget}):
             pts = sorted((b["kv_groups"], b["largest_batch"]) for b in budget if b["context"] == L)
             ax.plot(*zip(*pts), marker="o", label=f"context {L}")
-        ax.set(xscale="log", xlabel="kv_groups (KV heads)", ylabel="largest batch",
+        kv_axis(ax, sorted({b["kv_groups"] for b in budget}))
+        ax.set(yscale="log", ylabel="largest batch",
                title=f"Largest batch in {budget[0]['budget_gb']:g} GB (weights + KV cache)")
-        ax.set_xticks(sorted({b["kv_groups"] for b in budget}), labels=sorted({b["kv_groups"] for b in budget}))
         ax.legend(fontsize=8)
         fig.tight_layout()
         paths.append(out_dir / "largest_batch_vs_kv_groups.png")

@@ -22,9 +22,18 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that across fork and
+    exec, so a child of a large process (the bench) would report its parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 def measure(spec: dict) -> dict:
     from gpt_lightning.common.device import keep_freed_memory
-    from gpt_lightning.measure.memory import peak_memory
     from gpt_lightning.measure.references import NaiveGPT, UnfusedHeadGPT, hf_gpt2
     from gpt_lightning.measure.training_speed import TrainContender
     from gpt_lightning.model import GPT, GPTConfig
@@ -56,7 +65,10 @@ def measure(spec: dict) -> dict:
     dtype = torch.bfloat16 if spec.get("autocast") == "bf16" else None
     TrainContender(kind, model, opt, x, y, autocast_dtype=dtype, hf=kind == "hf", clip=spec.get("clip")).run(
         spec.get("steps", 2))
-    peak, what = peak_memory(device)
+    if device.type == "cuda":
+        peak, what = torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    else:
+        peak, what = peak_rss(), "process peak RSS (VmHWM)"
     return {"peak_bytes": peak, "baseline_bytes": baseline, "step_bytes": peak - baseline, "kind": what}
 
 

@@ -214,11 +214,15 @@ class GPT(nn.Module):
         """Logits (B, T, vocab_size) for token ids (B, T), or with (B, T) targets the mean next-token loss.
 
         With targets, the LM head and the loss run fused in row chunks (`lm_head_loss`): the (B*T, vocab) logits
-        and their gradient are never materialised whole.
+        and their gradient are never materialised whole. Under torch.compile the plain head + cross-entropy is
+        traced instead (the compiler fuses it its own way; the eager autograd.Function would break the graph).
         """
         h = self.hidden_states(idx)  # (B, T, C)
         if targets is None:
             return self.lm_head(h)[..., : self.config.vocab_size]
+        if torch.compiler.is_compiling():
+            logits = self.lm_head(h)[..., : self.config.vocab_size].float()  # (B, T, vocab)
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return lm_head_loss(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size)
 
     def new_cache(self, batch_size: int, device=None, dtype=None) -> KVCache:

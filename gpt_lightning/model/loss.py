@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import torch
 
-# Rows per chunk of the fused LM head + loss: the (rows, V) fp32 logits of one chunk are the largest buffer it
-# holds (rows = 2**25 // V: 667 rows, ~134 MB at the gpt2 vocabulary). Fewer, bigger chunks pass over the
-# (V, C) weight gradient fewer times; on the dev CPU at N = 2048 rows, C = 384, four chunks cost no time
-# against one (see README, "A lean LM head").
+# Rows per chunk of the fused LM head + loss: at most CHUNK_ELEMENTS // V_padded (667 at the gpt2 vocabulary),
+# split evenly (2048 rows: 4 x 512), so one chunk's fp32 logits are ~100 MB where the whole (N, V) would be
+# 400 MB. Fewer, bigger chunks pass over the (V, C) weight gradient fewer times; on the dev CPU at 2048 rows,
+# C = 384, four chunks cost no time against one (README, "A lean LM head + loss").
 CHUNK_ELEMENTS = 1 << 25
-BLOCK_BYTES = 1 << 21  # fp32 softmax block: a few rows, about one L2 cache
 
 
 def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int,
@@ -36,14 +35,16 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
 class LMHeadLoss(torch.autograd.Function):
     """The LM head and the cross-entropy in row chunks, gradients computed in the forward pass.
 
-    Per chunk of rows: logits (rows, V) by one matmul; then, a few rows at a time so each block stays in the
-    CPU's cache, the row max, the softmax (fp32; in place in fp32, else into a small fp32 block), the loss
-    lse - logit[target] with lse = max + log(sum) = max - log(max p) (max p >= 1/V never underflows, where
-    log(p[target]) could) and, when a
-    backward will follow, the gradient (softmax - onehot) / N written back over the logits. That gradient is
-    folded at once into grad_hidden (rows, C) and grad_weight (V, C); only those two (the size of the inputs)
-    are kept for backward, which just scales them. So no (N, V) buffer is ever alive, and, unlike recomputing
-    the logits in backward ("cut cross-entropy"), the LM head's three matmuls run once each, as unfused.
+    Per chunk of rows: logits (rows, V) by one matmul into a buffer reused by every chunk (under bf16 copied once
+    into an fp32 buffer); then in place in fp32: the row max, the softmax, the loss lse - logit[target] with
+    lse = max + log(sum) = max - log(max p) (max p >= 1/V never underflows, where log(p[target]) could); and,
+    when a backward will follow, the gradient (softmax - onehot) / N written back over the logits, then folded at
+    once into grad_hidden (rows, C) and grad_weight (V, C). Only those two (the size of the inputs) are kept for
+    backward, which just scales them. So no (N, V) buffer is ever alive, and, unlike recomputing the logits in
+    backward ("cut cross-entropy"), the LM head's three matmuls run once each, as unfused.
+
+    Each elementwise step takes a whole chunk: on the shared 2-core dev CPU, cache-sized blocks of a few rows
+    (thousands of small multi-threaded ops per step) ran 3-9x slower whenever another process held a core.
     """
 
     @staticmethod
@@ -52,34 +53,28 @@ class LMHeadLoss(torch.autograd.Function):
             N, V = hidden.size(0), weight.size(0)
             h = hidden.to(dtype)  # (N, C)
             w = weight.to(dtype)  # (V_padded, C): padded, so the matmuls keep their fast shapes
-            # Rows per softmax block: a few on a CPU, so the block stays in cache between its passes; a GPU
-            # takes the chunk whole (each block costs kernel launches, and its caches are small anyway).
-            block = rows if hidden.device.type == "cuda" else max(1, BLOCK_BYTES // (4 * V))
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            probs = None if dtype == torch.float32 else torch.empty(min(block, rows), V, device=hidden.device)
+            buffer = torch.empty(min(rows, N), V, dtype=dtype, device=hidden.device)  # reused by every chunk
+            probs = buffer if dtype == torch.float32 else torch.empty(buffer.shape, device=hidden.device)
             if need_grad:
                 grad_h = torch.empty_like(h)  # (N, C)
                 grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device)  # (V_padded, C)
-            buffer = torch.empty(min(rows, N), V, dtype=dtype, device=hidden.device)  # reused by every chunk
             for s in range(0, N, rows):
-                hs = h[s:s + rows]  # (n, C)
-                logits = torch.mm(hs, w.t(), out=buffer[:hs.size(0)])  # (n, V_padded) in dtype
-                logits[:, vocab:] = float("-inf")  # padding columns: no probability mass, zero gradient
-                for a in range(0, hs.size(0), block):
-                    x = logits[a:a + block]  # (r, V)
-                    t = targets[s + a:s + a + x.size(0), None]  # (r, 1)
-                    m = x.amax(dim=1, keepdim=True).float()  # (r, 1)
-                    x_t = x.gather(1, t).float()  # (r, 1)
-                    p = torch.softmax(x, dim=1, dtype=torch.float32,
-                                      out=x if probs is None else probs[:x.size(0)])  # (r, V) fp32
-                    lse = m - p.amax(dim=1, keepdim=True).log()  # p at the max is exp(0) / sum = 1 / sum
-                    total += (lse - x_t).sum()
-                    if need_grad:
-                        p.scatter_add_(1, t, p.new_full(t.shape, -1.0))  # softmax - onehot
-                        torch.mul(p, 1.0 / N, out=x)  # d(mean loss)/d(logits), over the logits
+                hs, t = h[s:s + rows], targets[s:s + rows, None]  # (n, C), (n, 1)
+                n = hs.size(0)
+                logits = torch.mm(hs, w.t(), out=buffer[:n])  # (n, V_padded) in dtype
+                x = logits if probs is buffer else probs[:n].copy_(logits)  # (n, V_padded) fp32
+                x[:, vocab:] = float("-inf")  # padding columns: no probability mass, zero gradient
+                m = x.amax(dim=1, keepdim=True)  # (n, 1)
+                x_t = x.gather(1, t)  # (n, 1)
+                p = torch.softmax(x, dim=1, out=x)  # (n, V_padded) fp32, in place
+                lse = m - p.amax(dim=1, keepdim=True).log()  # p at the max is exp(0) / sum = 1 / sum
+                total += (lse - x_t).sum()
                 if need_grad:
-                    torch.mm(logits, w, out=grad_h[s:s + rows])  # (n, C)
-                    grad_w.addmm_(logits.t(), hs)  # (V_padded, C), accumulated over chunks
+                    p.scatter_add_(1, t, p.new_full(t.shape, -1.0))  # softmax - onehot
+                    g = torch.mul(p, 1.0 / N, out=logits)  # d(mean loss)/d(logits), over the logits
+                    torch.mm(g, w, out=grad_h[s:s + n])  # (n, C)
+                    grad_w.addmm_(g.t(), hs)  # (V_padded, C), accumulated over chunks
             # Kept on ctx, not saved for backward: backward scales them in place and hands them over, so the
             # (V, C) weight gradient is never there twice. The price: one backward per forward (no retain_graph).
             ctx.grads = (grad_h, grad_w) if need_grad else None

@@ -158,6 +158,7 @@ class BenchSection:  # conf/bench.yaml
     grid_new_tokens: int = MISSING
     memory_budget_gb: float = MISSING
     plots: bool = MISSING
+    threads: Optional[int] = MISSING
     json: str = MISSING
 
 
