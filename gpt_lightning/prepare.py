@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from gpt_lightning.common.cli import exits_on_user_error
 from gpt_lightning.training import model_config  # noqa: F401  (registers the config resolvers)
+from gpt_lightning.training.config_errors import one_line_config_errors
 
 
 def format_summary(meta: dict, root, token_dir) -> str:
@@ -27,6 +28,7 @@ def format_summary(meta: dict, root, token_dir) -> str:
     return "\n".join(rows)
 
 
+@one_line_config_errors
 @hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
 def main(cfg: DictConfig) -> None:
     with exits_on_user_error():

@@ -33,3 +33,12 @@ def test_bad_encoding_exits_2_with_one_line(tmp_path):
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "'nope'" in errors[0] and "Traceback" not in r.stderr
     assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_a_mistyped_key_exits_2_with_one_line(tmp_path):
+    r = prepare(tmp_path, "data.batchsize=8", f"data.root={tmp_path}/data")
+    assert r.returncode == 2, r.stderr
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "batchsize" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and "HYDRA_FULL_ERROR" not in r.stderr
+    assert not (tmp_path / "data").exists()
