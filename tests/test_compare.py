@@ -241,3 +241,22 @@ def test_a_single_arm_is_described_without_a_baseline_to_beat(tmp_path):
     c = compare(root)
     assert c.baseline.label == "all runs" and c.baseline.n == 2
     assert "Only one arm" in (root / "report.md").read_text()
+
+
+def test_report_tracks_each_arms_val_loss_gap_over_training_with_its_interval(tmp_path):
+    root = tmp_path / "sweep"
+    mqa = {1: [3.00, 2.60], 2: [3.02, 2.63], 3: [3.01, 2.61]}  # the gap to MHA widens from ~0 to ~+0.1
+    mha = {1: [3.00, 2.50], 2: [3.01, 2.52], 3: [3.02, 2.51]}
+    for seed in (1, 2, 3):
+        make_run(root, f"{seed}_kv1_s{seed}", 1, seed, 2.1, curve=mqa[seed])
+        make_run(root, f"{seed + 3}_kv4_s{seed}", 4, seed, 2.0, curve=mha[seed])
+    compare(root)
+    report = (root / "report.md").read_text()
+    table = report[report.index("### Val-loss gap over training"):report.index("## Plots")]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip().isdigit()}
+    assert list(rows) == ["10", "20"]
+    for step, i in (("10", 0), ("20", 1)):
+        d = compare_means([mqa[s][i] for s in (1, 2, 3)], [mha[s][i] for s in (1, 2, 3)])
+        diff, half = (float(x) for x in rows[step].split(" ± "))
+        assert diff == pytest.approx(d.diff, abs=1e-4) and half == pytest.approx(d.half_width, rel=1e-2)

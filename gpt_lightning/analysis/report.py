@@ -16,7 +16,7 @@ from gpt_lightning.analysis.arms import (METRICS, Arm, Metric, complete, group, 
                                          parameter_share, pick_baseline)
 from gpt_lightning.analysis.runs import curve_source_notes, find_runs, parents_of, read_run
 from gpt_lightning.analysis.search import search_section
-from gpt_lightning.analysis.stats import Difference, Summary, finding, runs_needed
+from gpt_lightning.analysis.stats import Difference, Summary, compare_means, finding, runs_needed
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.common.files import atomic_write_text
 
@@ -194,6 +194,34 @@ def what_it_would_take(arm: Arm, baseline: Arm, metric: Metric) -> str | None:
             f"{_fmt(a.std)} vs {_fmt(b.std)}; now n = {d.n_a} vs {d.n_b}).")
 
 
+def gap_over_training(arms: list[Arm], baseline: Arm) -> list[str]:
+    """Each arm's val-loss gap to the baseline at every validation step all their finished runs logged, with its
+    95% Welch interval: a gap that grows with the steps says more steps would resolve it; a steady one, more seeds."""
+    def by_step(arm: Arm) -> dict[int, list[float]]:
+        curves = [dict(r["val_curve"]) for r in arm.measured if r.get("val_curve")]
+        if not curves:
+            return {}
+        common = set.intersection(*(set(c) for c in curves))
+        return {step: [c[step] for c in curves] for step in sorted(common)}
+
+    base = by_step(baseline)
+    columns = {arm.name: by_step(arm) for arm in arms}
+    steps = sorted(set(base).intersection(*(set(v) for v in columns.values()))) if columns else []
+    if len(steps) < 2:
+        return []
+    rows = []
+    for step in steps:
+        cells = []
+        for name, values in columns.items():
+            d = compare_means(values[step], base[step])
+            cells.append(f"{_signed(d.diff)} ± {_fmt(d.half_width)}" if d.half_width is not None else _signed(d.diff))
+        rows.append([str(step), *cells])
+    return ["", "### Val-loss gap over training", "",
+            f"Mean val loss minus {baseline.name}'s at each validation step (nats/token, ± the 95% Welch half-width): "
+            "a gap that widens with the steps would be resolved sooner by longer runs than by more seeds.", "",
+            *_table(["step", *columns], rows)]
+
+
 def report_md(c: Comparison) -> str:
     m = c.metric
     lines = [f"# Findings: {len(c.arms)} arms, {sum(a.n for a in c.arms)} finished runs in `{c.root}`", "",
@@ -220,6 +248,7 @@ def report_md(c: Comparison) -> str:
                   f"{m.name} difference as large as the observed one, taking the measured stds as the true ones "
                   "(a planning figure, not a promise):", ""]
         lines += [f"- {line}" for a in others if (line := what_it_would_take(a, c.baseline, m))]
+        lines += gap_over_training(others, c.baseline)
     unfinished = [r["run"] for r in c.rows if not complete(r)]
     if unfinished:
         lines += ["", f"Not counted (unfinished): {', '.join(f'`{r}`' for r in unfinished)}."]
