@@ -143,6 +143,8 @@ class RunCheckpoint(ModelCheckpoint):
         """`last.ckpt` holds the final step. Stock ModelCheckpoint writes it after validation only (and at train end
         only when it never wrote one), so a run with max_steps=7 and val_check_interval=5 ended with a step-5
         `last.ckpt`: `ckpt_path=last` then redid steps 6 and 7, and an exported model missed them."""
+        # Lightning private API (_should_skip_saving_checkpoint, _save_last_checkpoint, _monitor_candidates);
+        # pinned by tests/test_lightning_internals.py.
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             return
