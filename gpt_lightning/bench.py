@@ -98,6 +98,17 @@ def check_bench_grid(cfg: DictConfig) -> None:
                         f"model.block_size={cfg.model.block_size}; use fewer new tokens")
 
 
+def prepare_output(path: Path) -> None:
+    """Create bench.json's folder before anything is timed: a missing or unusable folder found only at the end
+    threw away minutes of measurements."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"bench.json={path}: cannot create its folder ({e.strerror}); pass a writable path") from None
+    if path.is_dir():
+        raise UserError(f"bench.json={path} is a folder; pass a file path, e.g. bench.json={path / 'bench.json'}")
+
+
 def sdpa_paths(model) -> str:
     """The SDPA path(s) its attention layers took in training (see `CausalSelfAttention.sdpa_path`)."""
     return ", ".join(sorted({blk.attn.sdpa_path for blk in model.transformer.h if blk.attn.sdpa_path})) or "-"
@@ -107,6 +118,7 @@ def bench(cfg: DictConfig) -> RunRecord:
     check_config(cfg)  # the model/data/trainer keys, as train checks them
     check_bench(cfg.bench)
     check_bench_grid(cfg)
+    prepare_output(Path(cfg.bench.json))
     b = cfg.bench
     keep_freed_memory()
     if b.threads:  # e.g. 1 on a shared machine: a lone thread keeps its pace when others take the other cores

@@ -39,7 +39,7 @@ def test_naive_reference_computes_the_same_function():
 
 @pytest.mark.slow
 def test_bench_produces_every_column(tmp_path):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "new" / "folder" / "bench.json"  # created up front
     result = subprocess.run(
         [sys.executable, "-m", "gpt_lightning.bench", "experiment=debug", "bench.steps=1", "bench.warmup_steps=1",
          "bench.repeats=2", "bench.decode_new_tokens=4", "bench.decode_bf16=true", f"bench.json={out}",
@@ -76,7 +76,7 @@ def test_bench_produces_every_column(tmp_path):
     assert cells == {(g, b, c) for g in (1, 2, 4) for b in (1, 2) for c in (8, 60)}
     assert {(x["kv_groups"], x["context"]) for x in r["decode_grid_budget"]} == {(g, c) for g in (1, 2, 4) for c in (8, 60)}
     assert r["decode_grid_mqa_over_mha"]["bound"] > 1 and "MQA / MHA at batch 2, context 60" in result.stdout
-    assert (tmp_path / "decode_vs_kv_groups.png").is_file() and (tmp_path / "largest_batch_vs_kv_groups.png").is_file()
+    assert (out.parent / "decode_vs_kv_groups.png").is_file() and (out.parent / "largest_batch_vs_kv_groups.png").is_file()
 
 
 def test_bench_refuses_kv_groups_that_do_not_divide_the_heads(tmp_path):
@@ -85,3 +85,15 @@ def test_bench_refuses_kv_groups_that_do_not_divide_the_heads(tmp_path):
                             env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: bench.kv_groups=[1, 3]: each must divide")
+
+
+def test_bench_refuses_an_unusable_json_path_before_timing_anything(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    result = subprocess.run([sys.executable, "-m", "gpt_lightning.bench", "experiment=debug",
+                             f"bench.json={tmp_path / 'a_file' / 'bench.json'}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: bench.json={tmp_path / 'a_file' / 'bench.json'}: cannot create its folder"), last
+    assert "Traceback" not in result.stderr and "round 1" not in result.stdout
