@@ -78,10 +78,9 @@ def check_bench_grid(cfg: DictConfig) -> None:
     b = cfg.bench
     if b.threads is not None and (not isinstance(b.threads, int) or b.threads < 1):
         raise UserError(f"bench.threads={b.threads} must be a positive integer, or null for torch's default")
-    for key in ("steps", "repeats", "grid_new_tokens"):
-        if int(b[key]) < 1:
-            raise UserError(f"bench.{key}={b[key]} must be >= 1")
-    for key in ("decode_batch_sizes", "grid_batch_sizes", "grid_contexts"):
+    if int(b.grid_new_tokens) < 1:
+        raise UserError(f"bench.grid_new_tokens={b.grid_new_tokens} must be >= 1")
+    for key in ("grid_batch_sizes", "grid_contexts"):
         if not b[key] or min(b[key]) < 1:
             raise UserError(f"bench.{key}={list(b[key]) if b[key] else b[key]} must be a non-empty list of "
                             f"positive integers")
