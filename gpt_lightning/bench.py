@@ -16,6 +16,7 @@ Contenders:
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -200,9 +201,12 @@ def bench(cfg: DictConfig) -> RunRecord:
                 breakdown[c.name] = step_breakdown(c, steps=2)
     memory = {}
     if b.peak_memory and b.train:
-        for name, s in memory_specs.items():
-            print(f"peak memory: {name} (fresh process) ...", flush=True)
-            memory[name] = measure_in_subprocess(s)
+        runs: dict[str, list[dict]] = {name: [] for name in memory_specs}
+        for r in range(b.memory_repeats):  # interleaved, like the timed rounds: drift hits every contender alike
+            for name, s in memory_specs.items():
+                print(f"peak memory {r + 1}/{b.memory_repeats}: {name} (fresh process) ...", flush=True)
+                runs[name].append(measure_in_subprocess(s))
+        memory = {name: summarize_memory(rs) for name, rs in runs.items()}
 
     # decode
     for c in contenders:
@@ -289,6 +293,19 @@ def bench(cfg: DictConfig) -> RunRecord:
         details=result)
 
 
+def summarize_memory(runs: list[dict]) -> dict:
+    """Fresh-process peaks of one contender -> medians (`peak_bytes`, `step_bytes`), their min and max, the runs.
+
+    A process's peak RSS moves by +-10% between identical runs (where glibc's heap happens to fragment), so one
+    run per contender can flip a ratio; the ratios use the medians, with the range of each beside them."""
+    out = {"kind": runs[0]["kind"], "runs": runs}
+    for key in ("peak_bytes", "step_bytes", "baseline_bytes"):
+        values = [r[key] for r in runs]
+        out[key] = statistics.median(values)
+        out[key.replace("_bytes", "_min_bytes")], out[key.replace("_bytes", "_max_bytes")] = min(values), max(values)
+    return out
+
+
 def run_decode_grid(cfg: DictConfig, config: GPTConfig, device, configured: GPT, bandwidth: float) -> dict:
     """The decode grid over bench.grid_batch_sizes x bench.grid_contexts for each of bench.kv_groups (fp32)."""
     b = cfg.bench
@@ -334,6 +351,9 @@ def ratios(r: dict) -> dict:
             out[f"peak memory: {name} / HF fp32 (process peak)"] = mem[name]["peak_bytes"] / hf_mem["peak_bytes"]
             out[f"peak memory: {name} / HF fp32 (step, above baseline)"] = (
                 mem[name]["step_bytes"] / hf_mem["step_bytes"])
+            if "step_max_bytes" in mem[name] and "step_min_bytes" in hf_mem:  # worst pairing of the runs
+                out[f"peak memory: {name} / HF fp32 (step, highest of ours / lowest of HF)"] = (
+                    mem[name]["step_max_bytes"] / hf_mem["step_min_bytes"])
     for key in d:
         if key.startswith("HF generate"):
             bs = key.rsplit(" ", 1)[1]
@@ -358,16 +378,21 @@ def format_table(r: dict) -> str:
              + f"; memory-read bandwidth (measured): {r['read_bandwidth_bytes_per_sec'] / 1e9:.1f} GB/s",
              "SDPA path in training: " + "; ".join(f"{k}: {v}" for k, v in r["sdpa_path"].items())]
     if r["training_tokens_per_sec"]:
-        lines += ["", f"{'training (tokens/s)':<48} {'median':>9} {'min-max':>15} {'MFU':>6} {'peak MB':>8} {'step MB':>8}"]
+        lines += ["", f"{'training (tokens/s)':<48} {'median':>9} {'min-max':>15} {'MFU':>6} {'peak MB':>8} "
+                      f"{'step MB':>8} {'step min-max':>12}"]
         for name, s in r["training_tokens_per_sec"].items():
             mfu = f"{s['mfu_measured_peak']:.0%}" if s.get("mfu_measured_peak") else "-"
             m = mem.get(name)
             pk, st = (f"{m['peak_bytes'] / 1e6:.0f}", f"{m['step_bytes'] / 1e6:.0f}") if m else ("-", "-")
-            lines.append(f"{name:<48} {s['median']:>9.0f} {s['min']:>7.0f}-{s['max']:<7.0f} {mfu:>6} {pk:>8} {st:>8}")
+            spread = (f"{m['step_min_bytes'] / 1e6:.0f}-{m['step_max_bytes'] / 1e6:.0f}"
+                      if m and "step_min_bytes" in m else "-")
+            lines.append(f"{name:<48} {s['median']:>9.0f} {s['min']:>7.0f}-{s['max']:<7.0f} {mfu:>6} {pk:>8} {st:>8} "
+                         f"{spread:>12}")
         if mem:
-            kind = next(iter(mem.values()))["kind"]
-            lines.append(f"(peak MB: {kind} of a fresh process running 3 training steps of that contender; "
-                         f"step MB: the part above the process before the model was built)")
+            first = next(iter(mem.values()))
+            lines.append(f"(peak MB: {first['kind']} of a fresh process running 3 training steps of that contender, "
+                         f"median of {len(first.get('runs', [first]))} processes; step MB: the part above the process "
+                         f"before the model was built)")
     for name, b in r.get("step_breakdown", {}).items():
         lines += ["", format_breakdown(f"step breakdown, {name}", b)]
     lines += ["", f"{'decode (new tokens/s, KV cache, greedy)':<48} {'median':>9} {'min-max':>15}"]

@@ -44,7 +44,7 @@ def test_bench_produces_every_column(tmp_path):
         [sys.executable, "-m", "gpt_lightning.bench", "experiment=debug", "bench.steps=1", "bench.warmup_steps=1",
          "bench.repeats=2", "bench.decode_new_tokens=4", "bench.decode_bf16=true", f"bench.json={out}",
          "bench.decode_grid=true", "bench.kv_groups=[1,2,4]", "bench.grid_new_tokens=4", "bench.grid_batch_sizes=[1,2]",
-         "bench.grid_contexts=[8,100]", "bench.memory_budget_gb=0.1"],
+         "bench.grid_contexts=[8,100]", "bench.memory_budget_gb=0.1", "bench.memory_repeats=2"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
     record = RunRecord.load(out)
@@ -66,6 +66,9 @@ def test_bench_produces_every_column(tmp_path):
     # the issue-11 figures: memory per contender, step breakdown, SDPA path, read limit, decode grid and plots
     assert {"ours fp32", "ours fp32, unfused LM head (before)", "HF GPT2LMHeadModel fp32 (sdpa)"} <= set(r["peak_memory"])
     assert all(m["peak_bytes"] > m["step_bytes"] > 0 for m in r["peak_memory"].values())
+    assert all(len(m["runs"]) == 2 and m["step_min_bytes"] <= m["step_bytes"] <= m["step_max_bytes"]
+               for m in r["peak_memory"].values())
+    assert "median of 2 processes" in result.stdout
     best = "ours bf16-mixed" if "ours bf16-mixed" in train else "ours fp32"  # the record's precision
     assert record.peak_memory_bytes == r["peak_memory"][best]["peak_bytes"]
     assert r["step_breakdown"]["ours fp32"]["step_ms"] > 0 and "matmul" in r["step_breakdown"]["ours fp32"]["groups"]
@@ -97,3 +100,19 @@ def test_bench_refuses_an_unusable_json_path_before_timing_anything(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: bench.json={tmp_path / 'a_file' / 'bench.json'}: cannot create its folder"), last
     assert "Traceback" not in result.stderr and "round 1" not in result.stdout
+
+
+def test_peak_memory_is_summarised_by_its_median_and_range_over_fresh_processes():
+    from gpt_lightning.bench import ratios, summarize_memory
+
+    def run(step):
+        return {"peak_bytes": step + 100, "baseline_bytes": 100, "step_bytes": step, "kind": "process peak RSS"}
+
+    ours = summarize_memory([run(300), run(330), run(270)])
+    hf = summarize_memory([run(1000), run(1200), run(900)])
+    assert (ours["step_bytes"], ours["step_min_bytes"], ours["step_max_bytes"]) == (300, 270, 330)
+    assert ours["peak_bytes"] == 400 and len(ours["runs"]) == 3
+    r = ratios({"training_tokens_per_sec": {}, "decode_tokens_per_sec": {}, "kv_cache_bytes_per_token":
+                {"configured": 1, "mha": 1}, "peak_memory": {"ours fp32": ours, "HF GPT2LMHeadModel fp32 (sdpa)": hf}})
+    assert r["peak memory: ours fp32 / HF fp32 (step, above baseline)"] == 0.3
+    assert r["peak memory: ours fp32 / HF fp32 (step, highest of ours / lowest of HF)"] == 330 / 900

@@ -136,3 +136,5 @@ def test_bench_keeps_the_train_schema_and_adds_its_own():
         cfg(*DEBUG, "bench.steps=abc", name="bench")
     with pytest.raises(UserError, match=r"bench.steps=0 must be >= 1 \(timed training steps per round\)"):
         check_bench(cfg(*DEBUG, "bench.steps=0", name="bench").bench)
+    with pytest.raises(UserError, match=r"bench.memory_repeats=0 must be >= 1"):
+        check_bench(cfg(*DEBUG, "bench.memory_repeats=0", name="bench").bench)

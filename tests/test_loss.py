@@ -50,10 +50,11 @@ def test_padding_rows_take_no_probability_mass():
     torch.testing.assert_close(lm_head_loss(h, w, t, VOCAB), reference(h, w, t)[0], atol=1e-5, rtol=1e-5)
 
 
-def test_bf16_autocast_matches_the_unfused_bf16_head():
+@pytest.mark.parametrize("chunk_rows", [32, 7])  # fp32 softmax blocks of 8 rows; of 2, 2, 2 and 1 rows
+def test_bf16_autocast_matches_the_unfused_bf16_head(chunk_rows):
     h, w, t = inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = lm_head_loss(h, w, t, VOCAB, chunk_rows=32)
+        loss = lm_head_loss(h, w, t, VOCAB, chunk_rows=chunk_rows)
         ref = F.cross_entropy(F.linear(h, w)[:, :VOCAB].float(), t)
     g_h, g_w = torch.autograd.grad(loss, (h, w))
     r_h, r_w = torch.autograd.grad(ref, (h, w))
@@ -66,13 +67,15 @@ def test_bf16_autocast_matches_the_unfused_bf16_head():
 class LargestTensor(TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.largest = 0
+        self.largest, self.largest_fp32 = 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for o in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(o, torch.Tensor):
                 self.largest = max(self.largest, o.numel())
+                if o.dtype == torch.float32:
+                    self.largest_fp32 = max(self.largest_fp32, o.numel())
         return out
 
 
@@ -81,6 +84,14 @@ def test_no_buffer_of_all_rows_by_the_vocabulary_is_ever_made():
     with LargestTensor() as mode:
         lm_head_loss(h, w, t, VOCAB, chunk_rows=32).backward()
     assert mode.largest <= 32 * V  # one chunk of logits at most; N * V would be 3x that
+
+
+def test_under_bf16_the_fp32_softmax_runs_in_quarter_chunks():
+    h, w, t = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16), LargestTensor() as mode:
+        lm_head_loss(h, w, t, VOCAB, chunk_rows=32).backward()
+    assert mode.largest == 32 * V  # the bf16 logits of one chunk
+    assert mode.largest_fp32 == max(8 * V, V * C)  # an 8-row fp32 softmax block, or the fp32 weight gradient
 
 
 def test_under_no_grad_no_gradient_is_computed():

@@ -20,6 +20,7 @@ from gpt_lightning.common.errors import UserError
 from gpt_lightning.model.attention import GROUPED_MAX_T, choose_sdpa_path, grouped_attention, sdpa
 from gpt_lightning.model.kv_cache import KVCache
 from gpt_lightning.model.loss import lm_head_loss
+from gpt_lightning.model.recompute import TiedGradient, gelu_linear, tied_embedding
 from gpt_lightning.model.sampling import decode
 
 
@@ -140,7 +141,11 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)  # (B, T, hidden)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # training: gelu(h) is not kept
+            return self.dropout(gelu_linear(h, self.c_proj.weight, self.c_proj.bias))
+        # No gradients (decode swaps c_proj's forward for its matvec layout), or compiling: plain modules.
+        return self.dropout(self.c_proj(F.gelu(h, approximate="tanh")))
 
 
 class Block(nn.Module):
@@ -196,14 +201,17 @@ class GPT(nn.Module):
         T = seq_len or self.config.block_size
         return 6 * self.num_params() + 12 * self.config.n_layer * self.config.n_embd * T
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-LayerNorm features (B, T, n_embd); positions continue after what `cache` already holds."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      tied: TiedGradient | None = None) -> torch.Tensor:
+        """Final-LayerNorm features (B, T, n_embd); positions continue after what `cache` already holds.
+        With `tied`, the token embedding's backward completes the LM head's gradient left there (`tied_embedding`)."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        tok = self.transformer.wte(idx) if tied is None else tied_embedding(idx, self.transformer.wte.weight, tied)
+        x = self.transformer.drop(tok + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i)
         if cache is not None:
@@ -216,14 +224,17 @@ class GPT(nn.Module):
         With targets, the LM head and the loss run fused in row chunks (`lm_head_loss`): the (B*T, vocab) logits
         and their gradient are never materialised whole. Under torch.compile the plain head + cross-entropy is
         traced instead (the compiler fuses it its own way; the eager autograd.Function would break the graph).
+        The tied weight's two gradients (LM head, token embedding) are summed in one (V, C) tensor (`TiedGradient`).
         """
-        h = self.hidden_states(idx)  # (B, T, C)
         if targets is None:
-            return self.lm_head(h)[..., : self.config.vocab_size]
+            return self.lm_head(self.hidden_states(idx))[..., : self.config.vocab_size]
         if torch.compiler.is_compiling():
-            logits = self.lm_head(h)[..., : self.config.vocab_size].float()  # (B, T, vocab)
+            logits = self.lm_head(self.hidden_states(idx))[..., : self.config.vocab_size].float()  # (B, T, vocab)
             return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        return lm_head_loss(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size)
+        tied = TiedGradient() if torch.is_grad_enabled() else None
+        h = self.hidden_states(idx, tied=tied)  # (B, T, C)
+        return lm_head_loss(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.config.vocab_size,
+                            tied=tied)
 
     def new_cache(self, batch_size: int, device=None, dtype=None) -> KVCache:
         """A preallocated cache for `block_size` positions holding n_kv_groups heads per layer."""

@@ -8,20 +8,28 @@ from __future__ import annotations
 
 import torch
 
+from gpt_lightning.model.recompute import TiedGradient
+
 # Rows per chunk of the fused LM head + loss: at most CHUNK_ELEMENTS // V_padded (667 at the gpt2 vocabulary),
 # split evenly (2048 rows: 4 x 512), so one chunk's fp32 logits are ~100 MB where the whole (N, V) would be
 # 400 MB. Fewer, bigger chunks pass over the (V, C) weight gradient fewer times; on the dev CPU at 2048 rows,
 # C = 384, four chunks cost no time against one (README, "A lean LM head + loss").
 CHUNK_ELEMENTS = 1 << 25
+# Under bf16 the fp32 softmax of a chunk runs in this many row blocks (see LMHeadLoss.forward).
+SOFTMAX_BLOCKS = 4
 
 
 def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int,
-                 chunk_rows: int | None = None) -> torch.Tensor:
+                 chunk_rows: int | None = None, tied: TiedGradient | None = None) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight[:vocab].T` (N, C) x (V_padded, C) against (N,) targets.
 
     Equal to F.cross_entropy(F.linear(hidden, weight)[:, :vocab], targets) in value and in its gradients w.r.t.
     `hidden` and `weight` (the padding rows of `weight` get zero gradient). Under autocast the two matmuls run in
     the autocast dtype (as F.linear would) and the softmax in fp32.
+
+    With `tied` (the weight is also the token embedding, read through `tied_embedding`), backward leaves the weight
+    gradient in `tied` for the embedding's backward to complete in place, and returns none itself: the autograd
+    engine would otherwise hold this (V, C) gradient while the embedding's own dense (V, C) one is built.
     """
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
@@ -29,7 +37,7 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.size(0))
     rows = -(-N // -(-N // rows))  # equal chunks: 2048 rows in 4 x 512, not 3 x 667 + 47
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return LMHeadLoss.apply(hidden, weight, targets, vocab, rows, dtype, need_grad)
+    return LMHeadLoss.apply(hidden, weight, targets, vocab, rows, dtype, need_grad, tied)
 
 
 class LMHeadLoss(torch.autograd.Function):
@@ -48,37 +56,43 @@ class LMHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab, rows, dtype, need_grad):
+    def forward(ctx, hidden, weight, targets, vocab, rows, dtype, need_grad, tied):
         with torch.autocast(hidden.device.type, enabled=False):
             N, V = hidden.size(0), weight.size(0)
             h = hidden.to(dtype)  # (N, C)
             w = weight.to(dtype)  # (V_padded, C): padded, so the matmuls keep their fast shapes
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             buffer = torch.empty(min(rows, N), V, dtype=dtype, device=hidden.device)  # reused by every chunk
-            probs = buffer if dtype == torch.float32 else torch.empty(buffer.shape, device=hidden.device)
+            # Under bf16 the fp32 softmax runs over a quarter of a chunk at a time: the matmuls keep their chunk
+            # (smaller ones cost 3-5% of a bf16 step on the dev CPU), the fp32 scratch is a quarter of its size.
+            sub = buffer.size(0) if dtype == torch.float32 else -(-buffer.size(0) // SOFTMAX_BLOCKS)
+            probs = buffer if dtype == torch.float32 else torch.empty(sub, V, device=hidden.device)
             if need_grad:
                 grad_h = torch.empty_like(h)  # (N, C)
                 grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device)  # (V_padded, C)
             for s in range(0, N, rows):
-                hs, t = h[s:s + rows], targets[s:s + rows, None]  # (n, C), (n, 1)
+                hs = h[s:s + rows]  # (n, C)
                 n = hs.size(0)
                 logits = torch.mm(hs, w.t(), out=buffer[:n])  # (n, V_padded) in dtype
-                x = logits if probs is buffer else probs[:n].copy_(logits)  # (n, V_padded) fp32
-                x[:, vocab:] = float("-inf")  # padding columns: no probability mass, zero gradient
-                m = x.amax(dim=1, keepdim=True)  # (n, 1)
-                x_t = x.gather(1, t)  # (n, 1)
-                p = torch.softmax(x, dim=1, out=x)  # (n, V_padded) fp32, in place
-                lse = m - p.amax(dim=1, keepdim=True).log()  # p at the max is exp(0) / sum = 1 / sum
-                total += (lse - x_t).sum()
+                for b in range(0, n, sub):
+                    lb, t = logits[b:b + sub], targets[s + b:s + min(b + sub, n), None]  # (k, V_padded), (k, 1)
+                    x = lb if probs is buffer else probs[:lb.size(0)].copy_(lb)  # (k, V_padded) fp32
+                    x[:, vocab:] = float("-inf")  # padding columns: no probability mass, zero gradient
+                    m = x.amax(dim=1, keepdim=True)  # (k, 1)
+                    x_t = x.gather(1, t)  # (k, 1)
+                    p = torch.softmax(x, dim=1, out=x)  # (k, V_padded) fp32, in place
+                    lse = m - p.amax(dim=1, keepdim=True).log()  # p at the max is exp(0) / sum = 1 / sum
+                    total += (lse - x_t).sum()
+                    if need_grad:
+                        p.scatter_add_(1, t, p.new_full(t.shape, -1.0))  # softmax - onehot
+                        torch.mul(p, 1.0 / N, out=lb)  # d(mean loss)/d(logits), over the logits
                 if need_grad:
-                    p.scatter_add_(1, t, p.new_full(t.shape, -1.0))  # softmax - onehot
-                    g = torch.mul(p, 1.0 / N, out=logits)  # d(mean loss)/d(logits), over the logits
-                    torch.mm(g, w, out=grad_h[s:s + n])  # (n, C)
-                    grad_w.addmm_(g.t(), hs)  # (V_padded, C), accumulated over chunks
+                    torch.mm(logits, w, out=grad_h[s:s + n])  # (n, C)
+                    grad_w.addmm_(logits.t(), hs)  # (V_padded, C), accumulated over chunks
             # Kept on ctx, not saved for backward: backward scales them in place and hands them over, so the
             # (V, C) weight gradient is never there twice. The price: one backward per forward (no retain_graph).
             ctx.grads = (grad_h, grad_w) if need_grad else None
-            ctx.dtypes = hidden.dtype, weight.dtype
+            ctx.dtypes, ctx.tied = (hidden.dtype, weight.dtype), tied
             return total / N
 
     @staticmethod
@@ -87,7 +101,10 @@ class LMHeadLoss(torch.autograd.Function):
             raise RuntimeError("lm_head_loss: backward ran twice (retain_graph) or without gradients from forward")
         (grad_h, grad_w), ctx.grads = ctx.grads, None
         h_dtype, w_dtype = ctx.dtypes
-        return (grad_h.mul_(grad).to(h_dtype), grad_w.mul_(grad).to(w_dtype), None, None, None, None, None)
+        grad_w = grad_w.mul_(grad).to(w_dtype) if ctx.needs_input_grad[1] else None
+        if ctx.tied is not None:
+            ctx.tied.grad, grad_w = grad_w, None
+        return grad_h.mul_(grad).to(h_dtype), grad_w, None, None, None, None, None, None
 
 
 class NextTokenLoss(torch.autograd.Function):

@@ -140,6 +140,7 @@ def check_bench(b) -> None:
     _at_least("bench.steps", b.steps, 1, " (timed training steps per round)")
     _at_least("bench.warmup_steps", b.warmup_steps, 0)
     _at_least("bench.repeats", b.repeats, 1)
+    _at_least("bench.memory_repeats", b.memory_repeats, 1)
     _at_least("bench.decode_prompt_tokens", b.decode_prompt_tokens, 1)
     _at_least("bench.decode_new_tokens", b.decode_new_tokens, 1)
     if not b.decode_batch_sizes or min(b.decode_batch_sizes) < 1:

@@ -150,6 +150,7 @@ class BenchSection:  # conf/bench.yaml
     train: bool = MISSING
     unfused_head: bool = MISSING
     peak_memory: bool = MISSING
+    memory_repeats: int = MISSING
     profile: bool = MISSING
     decode_grid: bool = MISSING
     kv_groups: Optional[List[int]] = MISSING
