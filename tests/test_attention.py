@@ -5,8 +5,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt_lightning.model import GPT, GPTConfig
-from gpt_lightning.model.attention import (GROUPED_MAX_T, choose_sdpa_path, expand_kv_for_speed,
-                                           grouped_attention)
+from gpt_lightning.model.attention import (GROUPED_MAX_T, KEY_BUCKET, SDPA_BF16_MAX_KEYS, choose_sdpa_path,
+                                           decode_attention, expand_kv_for_speed, grouped_attention)
 
 ATTENTIONS = {"mha": 4, "gqa": 2, "mqa": 1}  # kv_groups at 4 heads
 
@@ -63,6 +63,72 @@ def test_bf16_decode_stays_close_to_fp32():
         b = cached_features(bf16, idx, prefill=4, chunk=1)
     assert b.dtype == torch.bfloat16
     torch.testing.assert_close(b.float(), a, atol=0.1, rtol=0.05)
+
+
+def cache_buffers(B, G, max_len, length, hd, dtype):
+    """(B, G, max_len, hd) key/value buffers whose positions from `length` on hold large stale values."""
+    torch.manual_seed(1)
+    k, v = torch.randn(B, G, max_len, hd), torch.randn(B, G, max_len, hd)
+    k[:, :, length:] *= 100
+    v[:, :, length:] += 1000
+    return k.to(dtype), v.to(dtype)
+
+
+def reference_attention(q, k, v, length):
+    """SDPA of the T new queries (the last T of `length` positions) against K/V expanded to n_head heads, in fp32."""
+    T, R = q.size(2), q.size(1) // k.size(1)
+    k, v = (t[:, :, :length].float().repeat_interleave(R, 1) for t in (k, v))
+    mask = torch.ones(T, length, dtype=torch.bool).tril_(length - T)
+    return torch.nn.functional.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask)
+
+
+class Ops(TorchDispatchMode):
+    """Records every aten op's name and the shapes of what it returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        shapes = [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
+        self.calls.append((func.__name__, shapes))
+        return out
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
+def test_decode_attention_reads_only_the_filled_positions_of_the_cache(kv_groups, T):
+    B, nh, hd, length = 2, 4, 8, 21
+    k, v = cache_buffers(B, kv_groups, 40, length, hd, torch.float32)
+    q = torch.randn(B, nh, T, hd)
+    torch.testing.assert_close(decode_attention(q, k, v, length), reference_attention(q, k, v, length),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
+def test_bf16_decode_reads_whole_key_buckets_and_masks_the_padding(kv_groups):
+    # A new key length per step would make oneDNN build a new bf16 matmul for every step: lengths are bucketed.
+    B, nh, hd, length = 3, 4, 8, SDPA_BF16_MAX_KEYS // 3 + 5  # B * length above the SDPA threshold: grouped form
+    k, v = cache_buffers(B, kv_groups, 4 * KEY_BUCKET, length, hd, torch.bfloat16)
+    q = torch.randn(B, nh, 1, hd).bfloat16()
+    with Ops() as ops:
+        y = decode_attention(q, k, v, length)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference_attention(q, k, v, length), atol=2e-2, rtol=2e-2)
+    scores = [shapes[0] for name, shapes in ops.calls if name.startswith(("bmm", "mm")) and shapes[0][-1] != hd]
+    assert scores and all(s[-1] == -(-length // KEY_BUCKET) * KEY_BUCKET for s in scores)
+
+
+def test_one_token_mha_decode_takes_sdpa_in_fp32_and_at_few_keys_in_bf16():
+    k, v = cache_buffers(1, 4, 64, 21, 8, torch.float32)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(1, 4, 1, 8, dtype=dtype)
+        with Ops() as ops:
+            y = decode_attention(q, k.to(dtype), v.to(dtype), 21)
+        names = [name for name, _ in ops.calls]
+        assert any("scaled_dot_product" in n for n in names) and not any(n.startswith("bmm") for n in names)
+        torch.testing.assert_close(y.float(), reference_attention(q, k, v, 21), atol=2e-2, rtol=2e-2)
 
 
 class Shapes(TorchDispatchMode):

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt_lightning.common.errors import UserError
-from gpt_lightning.model.attention import GROUPED_MAX_T, choose_sdpa_path, grouped_attention, sdpa
+from gpt_lightning.model.attention import GROUPED_MAX_T, choose_sdpa_path, decode_attention, sdpa
 from gpt_lightning.model.kv_cache import KVCache
 from gpt_lightning.model.loss import lm_head_loss
 from gpt_lightning.model.recompute import TiedGradient, gelu_linear, tied_embedding
@@ -107,7 +107,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None and cache.length:  # new tokens against a filled cache: decode
             k, v = cache.update(layer, k, v)  # (B, G, L, hd): the cache holds G heads, never n_head
             if T <= GROUPED_MAX_T:  # each KV head read once for its whole query group
-                y = grouped_attention(q, k, v)
+                y = decode_attention(q, *cache.buffers(layer), k.size(2))
             else:  # a long chunk: SDPA with the chunk's causal mask (query t sees keys up to L - T + t)
                 L = k.size(2)
                 visible = torch.ones(T, L, dtype=torch.bool, device=x.device).tril_(L - T)

@@ -38,6 +38,10 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's whole (B, G, max_len, hd) key and value buffers (positions past the filled ones are stale)."""
+        return self.k[layer], self.v[layer]
+
     def advance(self, n: int) -> None:
         """Called once per forward, after every layer wrote its `n` new positions."""
         self.length += n

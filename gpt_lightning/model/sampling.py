@@ -25,7 +25,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token id per row of (B, V) logits -> (B,)."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        # In fp32: aten's bf16 argmax is scalar code, 164 us over 50,257 logits on the dev CPU against 34 us for
+        # the (exact) cast and an fp32 argmax; 5% of a batch-1 bf16 decode step.
+        return logits.float().argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
