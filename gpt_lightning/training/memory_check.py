@@ -15,6 +15,7 @@ import torch
 
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.model import GPTConfig
+from gpt_lightning.model.loss import CHUNK_ELEMENTS, SOFTMAX_BLOCKS
 
 GiB = 1024 ** 3
 
@@ -23,8 +24,9 @@ GiB = 1024 ** 3
 class StepMemory:
     """Bytes one training step needs at least, per process."""
     weights: int       # fp32 weights, gradients and AdamW's two moments: 16 bytes per parameter
-    logits: int        # (B*T, V) logits in the compute dtype, and the fp32 log-softmax the loss keeps for backward
-    activations: int   # per layer, ~12 (B*T, C) tensors kept for backward (inputs of norms, q/k/v, MLP 4C in and out)
+    logits: int        # the fused loss's buffers: one row chunk of logits, its fp32 softmax, the (V, C) weight gradient
+    activations: int   # per layer, ~12 (B*T, C) tensors kept for backward (norms' inputs and outputs, q/k/v, attention
+                       # output, the MLP's 4C input; gelu(h) is recomputed, see gpt_lightning/model/recompute.py)
 
     @property
     def total(self) -> int:
@@ -41,9 +43,12 @@ def parameters(c: GPTConfig) -> int:
 def step_memory(c: GPTConfig, batch_size: int, precision: str) -> StepMemory:
     """Lower bound on one training step's memory (fp32 weights; activations in the compute dtype of `precision`)."""
     act = 2 if str(precision).startswith(("bf16", "16")) else 8 if str(precision).startswith("64") else 4
-    N = batch_size * c.block_size  # tokens per step
+    N, V = batch_size * c.block_size, c.padded_vocab_size  # tokens per step, padded vocabulary
+    rows = min(N, max(1, CHUNK_ELEMENTS // V))
+    rows = -(-N // -(-N // rows))  # lm_head_loss's equal chunks
+    softmax = 0 if act == 4 else -(-rows // SOFTMAX_BLOCKS) * V * 4  # fp32 scratch beside a reduced-precision chunk
     return StepMemory(weights=16 * parameters(c),
-                      logits=N * c.padded_vocab_size * act + N * c.vocab_size * 4,
+                      logits=rows * V * act + softmax + V * c.n_embd * act,
                       activations=12 * c.n_layer * N * c.n_embd * act)
 
 
@@ -82,6 +87,6 @@ def check_memory(c: GPTConfig, batch_size: int, precision: str, cuda: bool, proc
     raise UserError(
         f"model.block_size={c.block_size} with data.batch_size={batch_size} ({c.n_layer} layers x {c.n_embd}, "
         f"vocabulary {c.vocab_size}, {precision}) needs at least {total / GiB:.1f} GiB for one training step{per} "
-        f"(logits {need.logits / GiB:.1f}, activations {need.activations / GiB:.1f}, weights and AdamW "
+        f"(LM head + loss {need.logits / GiB:.1f}, activations {need.activations / GiB:.1f}, weights and AdamW "
         f"{need.weights / GiB:.1f} GiB), but only {free[0] / GiB:.1f} GiB are {free[1]}; "
         f"lower data.batch_size or model.block_size")
