@@ -131,31 +131,17 @@ def test_one_token_mha_decode_takes_sdpa_in_fp32_and_at_few_keys_in_bf16():
         torch.testing.assert_close(y.float(), reference_attention(q, k, v, 21), atol=2e-2, rtol=2e-2)
 
 
-class Shapes(TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
-
-
 @pytest.mark.parametrize("kv_groups", [2, 1], ids=["gqa", "mqa"])
 def test_decode_step_never_expands_kv_to_query_heads_and_the_cache_keeps_g_heads(kv_groups):
     model = tiny(kv_groups)
     cache = model.new_cache(3)
     with torch.no_grad():
         model.hidden_states(torch.randint(0, 100, (3, 12)), cache)
-        with Shapes() as mode:
+        with Ops() as ops:
             model.hidden_states(torch.randint(0, 100, (3, 1)), cache)
+    shapes = [shape for _, returned in ops.calls for shape in returned]
     hd = 8
-    assert (3, 4, 13, hd) not in mode.shapes and (3, 4, 32, hd) not in mode.shapes  # no K/V with n_head heads
+    assert (3, 4, 13, hd) not in shapes and (3, 4, 32, hd) not in shapes  # no K/V with n_head heads
     assert all(k.shape == (3, kv_groups, 32, hd) for k in cache.k + cache.v)
     assert cache.length == 13
 
