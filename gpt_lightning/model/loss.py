@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from gpt_lightning.model.recompute import TiedGradient
+from gpt_lightning.model.recompute import TiedGradient, compute_dtype
 
 # Rows per chunk of the fused LM head + loss: at most CHUNK_ELEMENTS // V_padded (667 at the gpt2 vocabulary),
 # split evenly (2048 rows: 4 x 512), so one chunk's fp32 logits are ~100 MB where the whole (N, V) would be
@@ -17,6 +17,18 @@ from gpt_lightning.model.recompute import TiedGradient
 CHUNK_ELEMENTS = 1 << 25
 # Under bf16 the fp32 softmax of a chunk runs in this many row blocks (see LMHeadLoss.forward).
 SOFTMAX_BLOCKS = 4
+
+
+def chunk_rows_for(n_rows: int, padded_vocab: int, chunk_rows: int | None = None) -> int:
+    """Rows per chunk of `lm_head_loss`: `chunk_rows` or CHUNK_ELEMENTS // padded_vocab, then split evenly."""
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // padded_vocab)
+    return -(-n_rows // -(-n_rows // rows))  # equal chunks: 2048 rows in 4 x 512, not 3 x 667 + 47
+
+
+def softmax_block_rows(chunk_rows: int, dtype: torch.dtype) -> int:
+    """Rows of the fp32 softmax at a time: the whole chunk in fp32 (in place over the logits), a quarter of it in
+    a reduced-precision dtype (copied into an fp32 scratch of that many rows)."""
+    return chunk_rows if dtype == torch.float32 else -(-chunk_rows // SOFTMAX_BLOCKS)
 
 
 def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int,
@@ -31,11 +43,9 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     gradient in `tied` for the embedding's backward to complete in place, and returns none itself: the autograd
     engine would otherwise hold this (V, C) gradient while the embedding's own dense (V, C) one is built.
     """
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    dtype = compute_dtype(hidden, hidden.dtype)
     N = hidden.size(0)
-    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.size(0))
-    rows = -(-N // -(-N // rows))  # equal chunks: 2048 rows in 4 x 512, not 3 x 667 + 47
+    rows = chunk_rows_for(N, weight.size(0), chunk_rows)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return LMHeadLoss.apply(hidden, weight, targets, vocab, rows, dtype, need_grad, tied)
 
@@ -64,8 +74,8 @@ class LMHeadLoss(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             buffer = torch.empty(min(rows, N), V, dtype=dtype, device=hidden.device)  # reused by every chunk
             # Under bf16 the fp32 softmax runs over a quarter of a chunk at a time: the matmuls keep their chunk
-            # (smaller ones cost 3-5% of a bf16 step on the dev CPU), the fp32 scratch is a quarter of its size.
-            sub = buffer.size(0) if dtype == torch.float32 else -(-buffer.size(0) // SOFTMAX_BLOCKS)
+            # (256-row chunks cost 2-3% of a step on the dev CPU), the fp32 scratch is a quarter of its size.
+            sub = softmax_block_rows(buffer.size(0), dtype)
             probs = buffer if dtype == torch.float32 else torch.empty(sub, V, device=hidden.device)
             if need_grad:
                 grad_h = torch.empty_like(h)  # (N, C)

@@ -20,14 +20,15 @@ import torch
 import torch.nn.functional as F
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor, fallback: torch.dtype) -> torch.dtype:
+    """The dtype a matmul on `x` runs in: autocast's for x's device while it is on, else `fallback`."""
     device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else fallback
 
 
 def gelu_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(F.gelu(h, approximate="tanh"), weight, bias) for (..., H) h and (C, H) weight -> (..., C)."""
-    return GeluLinear.apply(h, weight, bias, _compute_dtype(h, weight))
+    return GeluLinear.apply(h, weight, bias, compute_dtype(h, weight.dtype))
 
 
 class GeluLinear(torch.autograd.Function):

@@ -15,7 +15,7 @@ import torch
 
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.model import GPTConfig
-from gpt_lightning.model.loss import CHUNK_ELEMENTS, SOFTMAX_BLOCKS
+from gpt_lightning.model.loss import chunk_rows_for, softmax_block_rows
 
 GiB = 1024 ** 3
 
@@ -44,9 +44,8 @@ def step_memory(c: GPTConfig, batch_size: int, precision: str) -> StepMemory:
     """Lower bound on one training step's memory (fp32 weights; activations in the compute dtype of `precision`)."""
     act = 2 if str(precision).startswith(("bf16", "16")) else 8 if str(precision).startswith("64") else 4
     N, V = batch_size * c.block_size, c.padded_vocab_size  # tokens per step, padded vocabulary
-    rows = min(N, max(1, CHUNK_ELEMENTS // V))
-    rows = -(-N // -(-N // rows))  # lm_head_loss's equal chunks
-    softmax = 0 if act == 4 else -(-rows // SOFTMAX_BLOCKS) * V * 4  # fp32 scratch beside a reduced-precision chunk
+    rows = chunk_rows_for(N, V)  # lm_head_loss's chunk
+    softmax = 0 if act == 4 else softmax_block_rows(rows, torch.bfloat16) * V * 4  # fp32 scratch beside the chunk
     return StepMemory(weights=16 * parameters(c),
                       logits=rows * V * act + softmax + V * c.n_embd * act,
                       activations=12 * c.n_layer * N * c.n_embd * act)
