@@ -5,7 +5,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt_lightning.model import GPT, GPTConfig
-from gpt_lightning.model.attention import (GROUPED_MAX_T, KEY_BUCKET, SDPA_BF16_MAX_KEYS, choose_sdpa_path,
+import gpt_lightning.model.attention as attention
+from gpt_lightning.model.attention import (FP32_CAST_MAX_ELEMENTS, GROUPED_MAX_T, KEY_BUCKET, choose_sdpa_path,
                                            decode_attention, expand_kv_for_speed, grouped_attention)
 
 ATTENTIONS = {"mha": 4, "gqa": 2, "mqa": 1}  # kv_groups at 4 heads
@@ -83,7 +84,7 @@ def reference_attention(q, k, v, length):
 
 
 class Ops(TorchDispatchMode):
-    """Records every aten op's name and the shapes of what it returns."""
+    """Records every aten op's name, the shapes of what it returns and the dtypes of its tensor inputs."""
 
     def __init__(self):
         super().__init__()
@@ -92,8 +93,11 @@ class Ops(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         shapes = [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
-        self.calls.append((func.__name__, shapes))
+        self.calls.append((func.__name__, shapes, {a.dtype for a in args if isinstance(a, torch.Tensor)}))
         return out
+
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.calls]
 
 
 @pytest.mark.parametrize("T", [1, 3])
@@ -107,28 +111,52 @@ def test_decode_attention_reads_only_the_filled_positions_of_the_cache(kv_groups
 
 
 @pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
-def test_bf16_decode_reads_whole_key_buckets_and_masks_the_padding(kv_groups):
+def test_bf16_decode_over_a_large_cache_reads_whole_key_buckets_and_masks_the_padding(kv_groups, monkeypatch):
     # A new key length per step would make oneDNN build a new bf16 matmul for every step: lengths are bucketed.
-    B, nh, hd, length = 3, 4, 8, SDPA_BF16_MAX_KEYS // 3 + 5  # B * length above the SDPA threshold: grouped form
+    monkeypatch.setattr(attention, "FP32_CAST_MAX_ELEMENTS", 0)  # every cache counts as large: the bf16 grouped form
+    B, nh, hd, length = 3, 4, 8, 2 * KEY_BUCKET + 5
     k, v = cache_buffers(B, kv_groups, 4 * KEY_BUCKET, length, hd, torch.bfloat16)
     q = torch.randn(B, nh, 1, hd).bfloat16()
     with Ops() as ops:
         y = decode_attention(q, k, v, length)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), reference_attention(q, k, v, length), atol=2e-2, rtol=2e-2)
-    scores = [shapes[0] for name, shapes in ops.calls if name.startswith(("bmm", "mm")) and shapes[0][-1] != hd]
+    products = [(shapes[0], dtypes) for name, shapes, dtypes in ops.calls if name.startswith(("bmm", "mm"))]
+    scores = [shape for shape, _ in products if shape[-1] != hd]
     assert scores and all(s[-1] == -(-length // KEY_BUCKET) * KEY_BUCKET for s in scores)
+    assert all(dtypes == {torch.bfloat16} for _, dtypes in products)  # no fp32 copy of a large cache
 
 
-def test_one_token_mha_decode_takes_sdpa_in_fp32_and_at_few_keys_in_bf16():
-    k, v = cache_buffers(1, 4, 64, 21, 8, torch.float32)
-    for dtype in (torch.float32, torch.bfloat16):
-        q = torch.randn(1, 4, 1, 8, dtype=dtype)
-        with Ops() as ops:
-            y = decode_attention(q, k.to(dtype), v.to(dtype), 21)
-        names = [name for name, _ in ops.calls]
-        assert any("scaled_dot_product" in n for n in names) and not any(n.startswith("bmm") for n in names)
-        torch.testing.assert_close(y.float(), reference_attention(q, k, v, 21), atol=2e-2, rtol=2e-2)
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
+def test_bf16_decode_over_a_small_cache_runs_in_fp32_on_copies_of_the_g_filled_heads(kv_groups, T):
+    B, nh, hd, length = 3, 4, 8, 21
+    assert B * kv_groups * length * hd <= FP32_CAST_MAX_ELEMENTS
+    k, v = cache_buffers(B, kv_groups, 64, length, hd, torch.bfloat16)
+    q = torch.randn(B, nh, T, hd).bfloat16()
+    with Ops() as ops:
+        y = decode_attention(q, k, v, length)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference_attention(q, k, v, length), atol=2e-2, rtol=2e-2)
+    casts = [shapes[0] for name, shapes, dtypes in ops.calls if name.startswith("_to_copy") and dtypes == {torch.bfloat16}]
+    assert [c for c in casts if c[2:] == (length, hd)] == [(B, kv_groups, length, hd)] * 2  # K, V: G filled heads
+    kernels = [dtypes for name, _, dtypes in ops.calls if name.startswith(("bmm", "mm", "_scaled_dot_product"))]
+    assert kernels and all(dtypes == {torch.float32} for dtypes in kernels)
+
+
+@pytest.mark.parametrize("batch, kv_groups, sdpa", [(1, 4, True), (3, 4, True), (1, 2, True), (1, 1, True),
+                                                     (3, 2, False), (3, 1, False)])
+def test_one_token_fp32_decode_takes_sdpa_at_batch_1_or_for_mha_and_the_grouped_form_otherwise(batch, kv_groups,
+                                                                                                sdpa):
+    k, v = cache_buffers(batch, kv_groups, 64, 21, 8, torch.float32)
+    q = torch.randn(batch, 4, 1, 8)
+    with Ops() as ops:
+        y = decode_attention(q, k, v, 21)
+    took_sdpa = any("scaled_dot_product" in n for n in ops.names())
+    assert took_sdpa == sdpa and any(n.startswith("bmm") for n in ops.names()) != sdpa
+    if kv_groups < 4:  # no K/V with n_head heads
+        assert (batch, 4, 21, 8) not in [shape for _, returned, _ in ops.calls for shape in returned]
+    torch.testing.assert_close(y, reference_attention(q, k, v, 21), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kv_groups", [2, 1], ids=["gqa", "mqa"])
@@ -139,7 +167,7 @@ def test_decode_step_never_expands_kv_to_query_heads_and_the_cache_keeps_g_heads
         model.hidden_states(torch.randint(0, 100, (3, 12)), cache)
         with Ops() as ops:
             model.hidden_states(torch.randint(0, 100, (3, 1)), cache)
-    shapes = [shape for _, returned in ops.calls for shape in returned]
+    shapes = [shape for _, returned, _ in ops.calls for shape in returned]
     hd = 8
     assert (3, 4, 13, hd) not in shapes and (3, 4, 32, hd) not in shapes  # no K/V with n_head heads
     assert all(k.shape == (3, kv_groups, 32, hd) for k in cache.k + cache.v)

@@ -23,9 +23,11 @@ GROUPED_MAX_T = 8  # new tokens per step up to which decode against a cache take
 # new bf16 matmul primitive for every new key length, ~0.9 ms each on the dev CPU, which a growing cache would
 # otherwise pay at every step (a batch-1 step of the 6 x 384 model takes ~3 ms).
 KEY_BUCKET = 64
-# bf16 MHA at one new token: SDPA's CPU kernel up to this many cached keys in the whole batch (B * L), the grouped
-# matmuls beyond (dev CPU, 8 heads of 32: SDPA 31 us vs 72 at B*L = 128, 170 vs 136 at 992, 208 vs 126 at 1024).
-SDPA_BF16_MAX_KEYS = 512
+# Reduced-precision decode against a filled cache of at most this many elements per tensor (B * G * L * hd) casts the
+# filled keys/values to fp32 and takes the fp32 path: on the dev CPU bf16 SDPA and bf16 matmuls cost 40-100 us
+# even for a handful of keys, the cast + fp32 kernel half that (8 heads of 32, B1 L128 MQA: 59 us -> 25; B8 L128
+# MHA: 159 -> 88; B32 L512 MQA: 338 -> 247). Beyond it the cast's extra traffic loses (B32 L1024 MQA: 371 vs 434).
+FP32_CAST_MAX_ELEMENTS = 1 << 19
 
 # SDPA backends from fastest to slowest, as a rule of thumb: the fused kernels, then the unfused math path.
 BACKEND_RANK = {"flash_attention": 0, "cudnn_attention": 0, "efficient_attention": 1, "overrideable": 2, "math": 3}
@@ -53,20 +55,31 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length:
 
 def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, length: int) -> torch.Tensor:
     """Attention of T <= GROUPED_MAX_T new queries (B, n_head, T, hd) against a cache's (B, G, max_len, hd) buffers
-    whose first `length` positions are filled (the new tokens' included). Each KV head is read once per step.
+    whose first `length` positions are filled (the new tokens' included). K/V are never expanded to n_head heads.
 
-    - MHA, one new token, fp32 (or bf16 with few keys): SDPA, no mask needed. It beat the grouped matmuls at every
-      batch x context of the decode grid in fp32 on the dev CPU (B32, L992: 1.31-1.43 ms vs 1.62-1.69).
-    - Otherwise the grouped form; in reduced precision over `length` rounded up to KEY_BUCKET positions.
+    - One new token, MHA (on the CPU: in fp32): SDPA. On the CPU it beat the grouped matmuls at every batch x context of the
+      decode grid (B32, L992: 1.31-1.43 ms vs 1.62-1.69).
+    - One new token at batch 1 on the CPU (fp32): SDPA for GQA and MQA too; its flash kernel takes GQA natively
+      and beat the grouped matmuls at every context (8 heads of 32, MQA L128: 8 us vs 19; L1024: 36 vs 42).
+    - Otherwise the grouped form, which reads each KV head once for its whole query group (SDPA reads it once per
+      query head: B32 L1024 MQA, 702 us vs 314).
+    - Reduced precision on the CPU: a small filled cache (FP32_CAST_MAX_ELEMENTS) is cast to fp32 and takes the
+      fp32 path; a larger one the grouped form in its own dtype, over `length` rounded up to KEY_BUCKET positions.
+    Timings: dev CPU, README "Attention kernels".
     """
-    B, nh, T, _ = q.shape
+    B, nh, T, hd = q.shape
     G = cache_k.size(1)
-    if T == 1 and G == nh and (q.dtype == torch.float32 or B * length <= SDPA_BF16_MAX_KEYS):
-        return F.scaled_dot_product_attention(q, cache_k[:, :, :length], cache_v[:, :, :length])
-    end = length
-    if q.dtype != torch.float32:
+    cpu, fp32 = q.device.type == "cpu", q.dtype == torch.float32
+    if cpu and not fp32 and B * G * length * hd <= FP32_CAST_MAX_ELEMENTS:
+        k, v = cache_k[:, :, :length].float(), cache_v[:, :, :length].float()  # (B, G, L, hd) fp32 copies
+        return decode_attention(q.float(), k, v, length).to(q.dtype)
+    if T == 1 and (fp32 or not cpu) and (G == nh or (cpu and B == 1)):
+        return F.scaled_dot_product_attention(q, cache_k[:, :, :length], cache_v[:, :, :length],
+                                              enable_gqa=G != nh)
+    if cpu and not fp32:
         end = min(cache_k.size(2), -(-length // KEY_BUCKET) * KEY_BUCKET)
-    return grouped_attention(q, cache_k[:, :, :end], cache_v[:, :, :end], length)
+        return grouped_attention(q, cache_k[:, :, :end], cache_v[:, :, :end], length)
+    return grouped_attention(q, cache_k[:, :, :length], cache_v[:, :, :length])
 
 
 def expand_kv_for_speed(gqa_backend: str, mha_backend: str) -> bool:

@@ -34,9 +34,10 @@ class KVCache:
         end = self.length + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len={self.max_len}")
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        T = k.size(2)
+        self.k[layer].narrow(2, self.length, T).copy_(k)  # one view + copy: decode writes here every layer, every step
+        self.v[layer].narrow(2, self.length, T).copy_(v)
+        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
 
     def buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's whole (B, G, max_len, hd) key and value buffers (positions past the filled ones are stale)."""

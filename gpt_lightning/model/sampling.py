@@ -78,10 +78,9 @@ def cpu_matvec_layout(model: nn.Module, rows: int = 1, layout: str = "onednn"):
     def onednn_forward(module: nn.Linear, packed: torch.Tensor):
         bias = None if module.bias is None else module.bias.detach()
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            x2 = x.reshape(-1, x.size(-1)).contiguous()  # (M, in)
-            y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")  # (M, out)
-            return y.view(*x.shape[:-1], -1)
+        def forward(x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out); the op flattens leading dims itself
+            return torch.ops.mkldnn._linear_pointwise(x if x.is_contiguous() else x.contiguous(), packed, bias,
+                                                      "none", [], "")
         return forward
 
     def transposed_forward(module: nn.Linear, weight_t: torch.Tensor, max_rows: int = 8):
