@@ -29,7 +29,7 @@ from gpt_lightning.common.device import cpu_has_bf16, keep_freed_memory
 from gpt_lightning.data.tokens import get_encoding
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.measure import decode_grid as grid
-from gpt_lightning.measure.limits import matmul_peak, read_bandwidth, spec_peak
+from gpt_lightning.measure.limits import bandwidth_probe, bracketed, matmul_peak, read_bandwidth, spec_peak
 from gpt_lightning.measure.profile import format_breakdown, step_breakdown
 from gpt_lightning.measure.references import NaiveGPT, UnfusedHeadGPT, hf_gpt2
 from gpt_lightning.measure.step_memory import measure_in_subprocess
@@ -184,9 +184,13 @@ def bench(cfg: DictConfig) -> RunRecord:
     train: dict[str, list[float]] = {c.name: [] for c in contenders}
     lightning_rates: list[float] = []
     precision = "bf16-mixed" if bf16 else "32-true"
+    peak_dtypes = {"fp32": torch.float32} | ({"bf16": torch.bfloat16} if bf16 else {})
+    # The matmul peaks at every round's start and end: a round's MFU is against the mean of the two (the VM drifts)
+    round_peaks = [{k: matmul_peak(device, d) for k, d in peak_dtypes.items()}] if b.train else []
     for r in range(b.repeats if b.train else 0):
         for c in contenders:
             train[c.name].append(c.run(b.steps))
+        round_peaks.append({k: matmul_peak(device, d) for k, d in peak_dtypes.items()})
         if b.lightning:
             lightning_rates.append(lightning_tokens_per_sec(cfg, b.steps, b.warmup_steps, precision))
         print(f"round {r + 1}/{b.repeats}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in train.items()), flush=True)
@@ -221,7 +225,7 @@ def bench(cfg: DictConfig) -> RunRecord:
     if b.hf and b.train:
         decoders["HF generate fp32"] = (hf.eval(), True)
     decode: dict[str, list[float]] = {}
-    steps_b1: dict[str, list[float]] = {}  # batch-1 decode steps alone (no prefill): against the read limit
+    steps_b1: dict[str, list[tuple[float, float]]] = {}  # batch-1 decode steps alone: (tokens/s, bandwidth beside)
     for bs in b.decode_batch_sizes:
         prompt = prompt1.expand(bs, -1).contiguous()
         for name, (model, is_hf) in decoders.items():
@@ -231,32 +235,40 @@ def bench(cfg: DictConfig) -> RunRecord:
                 decode.setdefault(f"{name} b{bs}", []).append(time_decode(model, prompt, new_tokens, is_hf))
                 if bs == 1 and not is_hf:
                     g = torch.Generator().manual_seed(cfg.seed)
-                    steps_b1.setdefault(name, []).append(
-                        grid.time_decode_at(model, 1, prompt_len, new_tokens, g))
+                    steps_b1.setdefault(name, []).append(bracketed(
+                        lambda: grid.time_decode_at(model, 1, prompt_len, new_tokens, g), bandwidth_probe(device)))
 
     # peaks, bandwidth, MFU
     flops_per_token = contenders[0].model.flops_per_token(T)
-    peaks = {"fp32": matmul_peak(device, torch.float32)}
-    if bf16:
-        peaks["bf16"] = matmul_peak(device, torch.bfloat16)
+    if not round_peaks:
+        round_peaks = [{k: matmul_peak(device, d) for k, d in peak_dtypes.items()}]
+    peaks = {k: statistics.median(p[k] for p in round_peaks) for k in peak_dtypes}
     bandwidth = read_bandwidth(device)
     spec_peaks = {k: spec_peak(device, d) for k, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     training = {}
     for name, rates in train.items():
         s = summarize(rates)
         key = "bf16" if "bf16" in name else "fp32"
-        s["mfu_measured_peak"] = s["median"] * flops_per_token / peaks[key] if key in peaks else None
+        # each round's MFU against that round's peak (the mean of the peaks at its start and end)
+        mfu = summarize([rate * flops_per_token / ((a[key] + z[key]) / 2)
+                         for rate, a, z in zip(rates, round_peaks, round_peaks[1:])])
+        s["mfu_measured_peak"], s["mfu_min"], s["mfu_max"] = mfu["median"], mfu["min"], mfu["max"]
         s["mfu_spec_peak"] = s["median"] * flops_per_token / spec_peaks[key] if spec_peaks.get(key) else None
         training[name] = s
     read_limit = {}
-    for name, rates in steps_b1.items():
+    for name, rounds in steps_b1.items():
         model = decoders[name][0]
         per_step = grid.bytes_read_per_step(model, 1, prompt_len + new_tokens // 2)
-        s = summarize(rates)
+        s = summarize([rate for rate, _ in rounds])
+        bws = summarize([bw for _, bw in rounds])
+        fraction = summarize([rate * per_step / bw for rate, bw in rounds])  # each round against its own bandwidth
         read_limit[name] = {"tokens_per_sec": s, "bytes_read_per_step": per_step,
                             "weight_bytes": grid.decode_weight_bytes(model),
-                            "read_limit_tokens_per_sec": bandwidth / per_step,
-                            "fraction_of_read_limit": s["median"] * per_step / bandwidth}
+                            "read_bandwidth_bytes_per_sec": bws,
+                            "read_limit_tokens_per_sec": bws["median"] / per_step,
+                            "fraction_of_read_limit": fraction["median"],
+                            "fraction_of_read_limit_min": fraction["min"],
+                            "fraction_of_read_limit_max": fraction["max"]}
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
@@ -264,7 +276,7 @@ def bench(cfg: DictConfig) -> RunRecord:
                   "kv_groups": config.n_kv_groups, "block_size": T, "batch_size": B,
                   "vocab": config.padded_vocab_size, "attention": config.attention},
         "flops_per_token": flops_per_token,
-        "matmul_peak_flops": peaks, "spec_peak_flops": spec_peaks,
+        "matmul_peak_flops": peaks, "matmul_peak_flops_rounds": round_peaks, "spec_peak_flops": spec_peaks,
         "read_bandwidth_bytes_per_sec": bandwidth,
         "sdpa_path": sdpa,
         "training_tokens_per_sec": training,
@@ -279,7 +291,7 @@ def bench(cfg: DictConfig) -> RunRecord:
         "repeats": b.repeats, "steps": b.steps,
     }
     if b.decode_grid:
-        result.update(run_decode_grid(cfg, config, device, contenders[0].model, bandwidth))
+        result.update(run_decode_grid(cfg, config, device, contenders[0].model))
     result["ratios"] = ratios(result)
     best = "ours bf16-mixed" if "ours bf16-mixed" in training else "ours fp32"
     mem = memory.get(best, {})
@@ -306,7 +318,7 @@ def summarize_memory(runs: list[dict]) -> dict:
     return out
 
 
-def run_decode_grid(cfg: DictConfig, config: GPTConfig, device, configured: GPT, bandwidth: float) -> dict:
+def run_decode_grid(cfg: DictConfig, config: GPTConfig, device, configured: GPT) -> dict:
     """The decode grid over bench.grid_batch_sizes x bench.grid_contexts for each of bench.kv_groups (fp32)."""
     b = cfg.bench
     groups = [config.n_kv_groups] if b.kv_groups is None else (
@@ -319,7 +331,7 @@ def run_decode_grid(cfg: DictConfig, config: GPTConfig, device, configured: GPT,
             torch.manual_seed(cfg.seed)
             models.append(GPT(GPTConfig(**{**vars(config), "n_kv_groups": g})).to(device))
     rows = grid.decode_grid(models, list(b.grid_batch_sizes), list(b.grid_contexts), b.grid_new_tokens,
-                            b.repeats, bandwidth=bandwidth, seed=cfg.seed)
+                            b.repeats, bandwidth=bandwidth_probe(device), seed=cfg.seed)
     contexts = sorted({r["context"] for r in rows})
     budget = grid.budget_rows(models, contexts, b.memory_budget_gb)
     big_b, big_l = max(b.grid_batch_sizes), max(contexts)
@@ -374,20 +386,23 @@ def ratios(r: dict) -> dict:
 def format_table(r: dict) -> str:
     mem = r.get("peak_memory", {})
     lines = [f"device: {r['device']}, torch {r['torch']}, shape: {r['shape']}",
-             "matmul peak (measured): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in r["matmul_peak_flops"].items())
+             "matmul peak (measured, median over the rounds): "
+             + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in r["matmul_peak_flops"].items())
              + f"; memory-read bandwidth (measured): {r['read_bandwidth_bytes_per_sec'] / 1e9:.1f} GB/s",
+             "(MFU and % of the read limit: each round against the limit measured beside it; median, min-max)",
              "SDPA path in training: " + "; ".join(f"{k}: {v}" for k, v in r["sdpa_path"].items())]
     if r["training_tokens_per_sec"]:
-        lines += ["", f"{'training (tokens/s)':<48} {'median':>9} {'min-max':>15} {'MFU':>6} {'peak MB':>8} "
-                      f"{'step MB':>8} {'step min-max':>12}"]
+        lines += ["", f"{'training (tokens/s)':<48} {'median':>9} {'min-max':>15} {'MFU':>6} {'MFU min-max':>11} "
+                      f"{'peak MB':>8} {'step MB':>8} {'step min-max':>12}"]
         for name, s in r["training_tokens_per_sec"].items():
             mfu = f"{s['mfu_measured_peak']:.0%}" if s.get("mfu_measured_peak") else "-"
+            mfu_range = f"{s['mfu_min']:.0%}-{s['mfu_max']:.0%}" if "mfu_min" in s else "-"
             m = mem.get(name)
             pk, st = (f"{m['peak_bytes'] / 1e6:.0f}", f"{m['step_bytes'] / 1e6:.0f}") if m else ("-", "-")
             spread = (f"{m['step_min_bytes'] / 1e6:.0f}-{m['step_max_bytes'] / 1e6:.0f}"
                       if m and "step_min_bytes" in m else "-")
-            lines.append(f"{name:<48} {s['median']:>9.0f} {s['min']:>7.0f}-{s['max']:<7.0f} {mfu:>6} {pk:>8} {st:>8} "
-                         f"{spread:>12}")
+            lines.append(f"{name:<48} {s['median']:>9.0f} {s['min']:>7.0f}-{s['max']:<7.0f} {mfu:>6} {mfu_range:>11} "
+                         f"{pk:>8} {st:>8} {spread:>12}")
         if mem:
             first = next(iter(mem.values()))
             lines.append(f"(peak MB: {first['kind']} of a fresh process running 3 training steps of that contender, "
@@ -402,8 +417,11 @@ def format_table(r: dict) -> str:
         s = lim["tokens_per_sec"]
         lines.append(f"{name + ' b1, decode steps only':<48} {s['median']:>9.1f} {s['min']:>7.1f}-{s['max']:<7.1f}"
                      f"  = {lim['fraction_of_read_limit']:.0%} of the read limit "
-                     f"({lim['bytes_read_per_step'] / 1e6:.1f} MB per token at "
-                     f"{r['read_bandwidth_bytes_per_sec'] / 1e9:.1f} GB/s: {lim['read_limit_tokens_per_sec']:.0f}/s)")
+                     f"({lim['fraction_of_read_limit_min']:.0%}-{lim['fraction_of_read_limit_max']:.0%}; "
+                     f"{lim['bytes_read_per_step'] / 1e6:.1f} MB per token, bandwidth beside the rounds "
+                     f"{lim['read_bandwidth_bytes_per_sec']['median'] / 1e9:.1f} GB/s "
+                     f"({lim['read_bandwidth_bytes_per_sec']['min'] / 1e9:.1f}-"
+                     f"{lim['read_bandwidth_bytes_per_sec']['max'] / 1e9:.1f}): {lim['read_limit_tokens_per_sec']:.0f}/s)")
     kv = r["kv_cache_bytes_per_token"]
     lines += ["", f"KV-cache bytes per token (fp32): configured {kv['configured']:,}, MHA {kv['mha']:,}"]
     if r.get("decode_grid"):

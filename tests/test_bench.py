@@ -55,6 +55,10 @@ def test_bench_produces_every_column(tmp_path):
     train = r["training_tokens_per_sec"]
     assert {"ours fp32", "HF GPT2LMHeadModel fp32 (sdpa)", "naive reference fp32"} <= set(train)
     assert all(s["n"] == 2 and s["min"] <= s["median"] <= s["max"] and s["mfu_measured_peak"] > 0 for s in train.values())
+    # each round's MFU against the peaks measured at its start and end: 3 measurements for 2 rounds
+    assert len(r["matmul_peak_flops_rounds"]) == 3 and all(p["fp32"] > 0 for p in r["matmul_peak_flops_rounds"])
+    assert all(s["mfu_min"] <= s["mfu_measured_peak"] <= s["mfu_max"] for s in train.values())
+    assert "MFU min-max" in result.stdout
     decode = r["decode_tokens_per_sec"]
     for b in (1, 8):
         assert {f"ours fp32 b{b}", f"ours bf16 weights b{b}", f"HF generate fp32 b{b}"} <= set(decode)
@@ -74,7 +78,10 @@ def test_bench_produces_every_column(tmp_path):
     assert r["step_breakdown"]["ours fp32"]["step_ms"] > 0 and "matmul" in r["step_breakdown"]["ours fp32"]["groups"]
     assert r["sdpa_path"]["ours fp32"] == "flash_attention (enable_gqa)"
     assert r["read_bandwidth_bytes_per_sec"] > 0
-    assert 0 < r["decode_read_limit_b1"]["ours fp32"]["fraction_of_read_limit"]
+    lim = r["decode_read_limit_b1"]["ours fp32"]
+    assert 0 < lim["fraction_of_read_limit_min"] <= lim["fraction_of_read_limit"] <= lim["fraction_of_read_limit_max"]
+    assert lim["read_bandwidth_bytes_per_sec"]["n"] == 2  # one bracketing bandwidth per timed round
+    assert all(row["read_bandwidth_bytes_per_sec"] > 0 for row in r["decode_grid"])
     cells = {(row["kv_groups"], row["batch"], row["context"]) for row in r["decode_grid"]}
     assert cells == {(g, b, c) for g in (1, 2, 4) for b in (1, 2) for c in (8, 60)}
     assert {(x["kv_groups"], x["context"]) for x in r["decode_grid_budget"]} == {(g, c) for g in (1, 2, 4) for c in (8, 60)}

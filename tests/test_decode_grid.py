@@ -8,7 +8,7 @@ import torch
 from conftest import REPO, run_train
 
 from gpt_lightning.measure import decode_grid as grid
-from gpt_lightning.measure.limits import decode_read_limit, read_bandwidth
+from gpt_lightning.measure.limits import bracketed, decode_read_limit, read_bandwidth
 from gpt_lightning.measure.profile import group_of, step_breakdown
 from gpt_lightning.measure.training_speed import TrainContender
 from gpt_lightning.model import GPT, GPTConfig
@@ -74,6 +74,26 @@ def test_grid_rows_cover_every_model_batch_and_context():
     mha = next(r for r in rows if (r["attention"], r["batch"], r["context"]) == ("mha", 3, 28))
     mqa = next(r for r in rows if (r["attention"], r["batch"], r["context"]) == ("mqa", 3, 28))
     assert ratio["bound"] == mha["bytes_read_per_step"] / mqa["bytes_read_per_step"] > 1
+
+
+def test_grid_measures_the_bandwidth_beside_every_round_and_cell_and_divides_each_round_by_its_own():
+    calls = iter(range(1, 100))
+    probe = lambda: 1e9 * next(calls)  # noqa: E731  (1, 2, 3, ... GB/s: each bracket has its own mean)
+    models = [tiny(4), tiny(1)]
+    rows = grid.decode_grid(models, [1, 3], [8], new_tokens=4, repeats=1, bandwidth=probe, log=lambda s: None)
+    assert next(calls) == 5  # before and after each of the 2 cells, once for both models of the cell
+    for r in rows:
+        bw = 1.5e9 if r["batch"] == 1 else 3.5e9  # cell (1, 8) is bracketed by calls 1 and 2, cell (3, 8) by 3 and 4
+        assert r["read_bandwidth_bytes_per_sec"] == bw
+        assert r["fraction_of_read_limit"] == pytest.approx(
+            r["tokens_per_sec"]["median"] * r["bytes_read_per_step"] / (r["batch"] * bw))
+
+
+def test_bracketed_takes_the_limit_before_and_after_the_measurement():
+    order = []
+    limits = iter([10.0, 30.0])
+    value, limit = bracketed(lambda: order.append("measure") or 7.0, lambda: order.append("limit") or next(limits))
+    assert order == ["limit", "measure", "limit"] and (value, limit) == (7.0, 20.0)
 
 
 def test_grid_plots_are_written(tmp_path):

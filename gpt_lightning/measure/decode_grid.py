@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from gpt_lightning.measure.limits import bracketed
 from gpt_lightning.measure.timing import summarize, sync
 from gpt_lightning.model import GPT, KVCache
 from gpt_lightning.model.sampling import cpu_matvec_layout
@@ -89,25 +91,35 @@ def time_decode_at(model: GPT, batch: int, context: int, new_tokens: int, genera
 
 
 def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], new_tokens: int, repeats: int,
-                bandwidth: float | None = None, seed: int = 0, prompt: torch.Tensor | None = None,
-                log=print) -> list[dict]:
+                bandwidth: float | Callable[[], float] | None = None, seed: int = 0,
+                prompt: torch.Tensor | None = None, log=print) -> list[dict]:
     """One row per (model, batch, context): tokens/s (median, min-max over `repeats` interleaved rounds), KV-cache
-    bytes, bytes read per step, and (given the measured read `bandwidth`) the read-limited tokens/s.
+    bytes, bytes read per step, and (given the read `bandwidth`) the read-limited tokens/s and the fraction of it.
 
     Rounds are interleaved, and within a round the models run back to back at each (batch, context), so drift
-    hits every kv_groups alike.
+    hits every kv_groups alike. `bandwidth` is bytes/s, or a probe measuring it: then it is measured before and
+    after every (round, cell), and each round's fraction is against the mean of the two (`limits.bracketed`).
     """
     for m in models:
         m.eval()
     block = min(m.config.block_size for m in models)
     ctxs = effective_contexts(contexts, block, new_tokens)
     cells = [(b, L) for L in ctxs for b in batch_sizes]
+    probe = bandwidth if callable(bandwidth) else (lambda: bandwidth)
     rates: dict[tuple, list[float]] = {}
+    bandwidths: dict[tuple, list[float]] = {}  # (model, batch, context) -> the bandwidth beside each round
     for r in range(repeats):
         for b, L in cells:
-            for i, model in enumerate(models):
-                g = torch.Generator().manual_seed(seed + L)
-                rates.setdefault((i, b, L), []).append(time_decode_at(model, b, L, new_tokens, g, prompt))
+            def cell(b=b, L=L) -> list[float]:
+                out = []
+                for model in models:
+                    g = torch.Generator().manual_seed(seed + L)
+                    out.append(time_decode_at(model, b, L, new_tokens, g, prompt))
+                return out
+            cell_rates, bw = bracketed(cell, probe) if bandwidth else (cell(), None)
+            for i, rate in enumerate(cell_rates):
+                rates.setdefault((i, b, L), []).append(rate)
+                bandwidths.setdefault((i, b, L), []).append(bw)
         log(f"decode grid round {r + 1}/{repeats} done")
     rows = []
     for (i, b, L), values in rates.items():
@@ -118,8 +130,10 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
                "tokens_per_sec": summarize(values), "kv_cache_bytes": b * L * cache_bytes_per_token(m),
                "weight_bytes": decode_weight_bytes(m), "bytes_read_per_step": read}
         if bandwidth:
-            row["read_limit_tokens_per_sec"] = b * bandwidth / read
-            row["fraction_of_read_limit"] = statistics.median(values) / row["read_limit_tokens_per_sec"]
+            bws = bandwidths[(i, b, L)]
+            row["read_bandwidth_bytes_per_sec"] = statistics.median(bws)
+            row["read_limit_tokens_per_sec"] = b * statistics.median(bws) / read
+            row["fraction_of_read_limit"] = statistics.median(rate * read / (b * bw) for rate, bw in zip(values, bws))
         rows.append(row)
     return rows
 

@@ -43,6 +43,23 @@ def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5
     return best
 
 
+def bandwidth_probe(device: torch.device):
+    """A quick `read_bandwidth` (256 MB, still 8x the dev CPU's L3; best of 3) to take beside every timed round."""
+    return lambda: read_bandwidth(device, nbytes=1 << 28, repeats=3)
+
+
+def bracketed(measure, limit) -> tuple[float, float]:
+    """(measure(), the mean of limit() taken just before and just after it).
+
+    On a shared VM the limits move while a benchmark runs: on the dev VM the read bandwidth swung between ~42 and
+    ~77 GB/s from one few-second phase to the next, and a decode step's matrix-vector products with it. A fraction
+    of the limit is only meaningful against the limit of the same moment, so each timed round gets its own.
+    """
+    before = limit()
+    value = measure()
+    return value, (before + limit()) / 2
+
+
 def decode_read_limit(bytes_per_step: int, bandwidth: float, batch_size: int = 1) -> float:
     """Tokens/s decode could reach if each step only had to read `bytes_per_step` (weights + KV cache) once."""
     return batch_size * bandwidth / bytes_per_step
