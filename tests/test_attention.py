@@ -7,7 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gpt_lightning.model import GPT, GPTConfig
 import gpt_lightning.model.attention as attention
 from gpt_lightning.model.attention import (FP32_CAST_MAX_ELEMENTS, GROUPED_MAX_T, KEY_BUCKET, choose_sdpa_path,
-                                           decode_attention, expand_kv_for_speed, grouped_attention)
+                                           decode_attention, expand_kv_for_speed, grouped_attention,
+                                           matmul_attention)
 
 ATTENTIONS = {"mha": 4, "gqa": 2, "mqa": 1}  # kv_groups at 4 heads
 
@@ -227,3 +228,81 @@ def test_decode_linear_layouts_compute_f_linear_at_every_decode_batch(layout, ro
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert "forward" not in model.lm_head.__dict__  # the layout is gone after the context
+
+
+def attention_inputs(G, dtype, B=2, nh=4, T=16, hd=8, seed=0):
+    """q (B, nh, T, hd) as the model makes it (a transposed view), k, v (B, G, T, hd), and an output gradient."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, nh, hd, generator=g, dtype=torch.float64).transpose(1, 2)
+    k, v = (torch.randn(B, G, T, hd, generator=g, dtype=torch.float64) for _ in range(2))
+    return q, k, v, torch.randn(B, nh, T, hd, generator=g, dtype=torch.float64)
+
+
+def attention_and_grads(fn, q, k, v, dy, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    y = fn(*leaves)
+    y.backward(dy.to(dtype))
+    return [y.double()] + [t.grad.double() for t in leaves]
+
+
+def sdpa_causal(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))
+
+
+@pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
+def test_matmul_attention_equals_sdpa_in_value_and_gradients(kv_groups):
+    q, k, v, dy = attention_inputs(kv_groups, torch.float64)
+    exact = attention_and_grads(sdpa_causal, q, k, v, dy, torch.float64)
+    for got, want in zip(attention_and_grads(matmul_attention, q, k, v, dy, torch.float32), exact):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # bf16: no further from the exact result than SDPA's own bf16 kernel (plus one bf16 step of slack)
+    ours = attention_and_grads(matmul_attention, q, k, v, dy, torch.bfloat16)
+    theirs = attention_and_grads(sdpa_causal, q, k, v, dy, torch.bfloat16)
+    for a, b, want in zip(ours, theirs, exact):
+        assert (a - want).abs().max() <= 2 * (b - want).abs().max() + 2 ** -8 * want.abs().max()
+
+
+@pytest.mark.parametrize("kv_groups", [2, 1], ids=["gqa", "mqa"])
+def test_matmul_attention_never_expands_kv_to_query_heads(kv_groups):
+    q, k, v, dy = (t.to(torch.bfloat16).contiguous() for t in attention_inputs(kv_groups, torch.float64))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))  # q contiguous here: no copy of it to lay out
+    with Ops() as ops:
+        matmul_attention(q, k, v).backward(dy)
+    assert k.grad.shape == v.grad.shape == (2, kv_groups, 16, 8) and q.grad.shape == (2, 4, 16, 8)
+    made = [shape for name, returned, _ in ops.calls if not name.startswith(("view", "_unsafe_view", "transpose", "detach"))
+            for shape in returned]
+    assert made and (2, 4, 16, 8) not in made  # nothing with n_head heads is built: no K/V expanded to them
+
+
+def test_cpu_training_takes_matmul_attention_in_bf16_up_to_its_length_and_sdpa_otherwise(monkeypatch):
+    x = torch.randint(0, 100, (2, 16))
+
+    def path(model, autocast=True, grad=True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.set_grad_enabled(grad):
+            model.hidden_states(x)
+        return model.transformer.h[0].attn.sdpa_path
+
+    assert path(tiny(2).train()).startswith("matmul softmax (CPU bfloat16")
+    assert path(tiny(2).train(), autocast=False) == "flash_attention (enable_gqa)"  # fp32: even, SDPA stays
+    assert path(tiny(2).eval(), grad=False) == "flash_attention (enable_gqa)"  # inference prefill: SDPA
+    assert path(tiny(2, dropout=0.1).train()) == "math (enable_gqa)"  # attention dropout: SDPA's (math on CPU)
+    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_T", 8)
+    assert path(tiny(2).train()) == "flash_attention (enable_gqa)"  # longer than MATMUL_ATTENTION_MAX_T
+
+
+def test_bf16_training_step_with_matmul_attention_matches_sdpa(monkeypatch):
+    x, y = torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16))
+
+    def loss_and_grads():
+        model = tiny(2).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, y)
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters()]
+
+    loss, grads = loss_and_grads()
+    monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_T", 0)  # SDPA everywhere
+    ref_loss, ref_grads = loss_and_grads()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-2, rtol=1e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=2e-3 + 0.05 * r.abs().max().item(), rtol=0.05)

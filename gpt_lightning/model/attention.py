@@ -29,6 +29,12 @@ KEY_BUCKET = 64
 # MHA: 159 -> 88; B32 L512 MQA: 338 -> 247). Beyond it the cast's extra traffic loses (B32 L1024 MQA: 371 vs 434).
 FP32_CAST_MAX_ELEMENTS = 1 << 19
 
+# Reduced-precision training on the CPU up to this many positions takes `matmul_attention` instead of SDPA: the
+# CPU flash kernel's bf16 backward is slow at short sequences. Forward + backward per layer on the dev CPU (bf16):
+# T128 (16 x 8 heads of 32) 21.3 -> 5.9 ms, T256 (8 x 6 of 64) 19.1 -> 10.7 ms, T512 (8 x 8 of 32) 55.8 -> 44.8 ms;
+# at T1024 flash wins (59 vs 87 ms). In fp32 the two are even (T256: 19.4 vs 19.7 ms): fp32 keeps SDPA.
+MATMUL_ATTENTION_MAX_T = 512
+
 # SDPA backends from fastest to slowest, as a rule of thumb: the fused kernels, then the unfused math path.
 BACKEND_RANK = {"flash_attention": 0, "cudnn_attention": 0, "efficient_attention": 1, "overrideable": 2, "math": 3}
 
@@ -51,6 +57,53 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length:
         att[..., :L] = att[..., :L].masked_fill(future.repeat(nh // G, 1), float("-inf"))
     y = torch.matmul(att.softmax(dim=-1).to(v.dtype), v)  # (B, G, R*T, hd)
     return y.view(B, nh, T, hd)
+
+
+class MatmulAttention(torch.autograd.Function):
+    """Causal self-attention as two batched matmuls around an fp32 softmax, keeping only the probabilities (in the
+    inputs' dtype) for backward. Query groups are folded as in `grouped_attention`: K/V stay at G heads, and the
+    gradients of the query heads that share a KV head are summed by the matmuls themselves."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, nh, T, hd = q.shape
+        G = k.size(1)
+        with torch.autocast(q.device.type, enabled=False):  # the dtypes below are chosen, not autocast's
+            qg = q.reshape(B, G, nh // G * T, hd)  # (B, G, R*T, hd): row r*T + t is head g*R + r at position t
+            scores = torch.matmul(qg, k.transpose(-2, -1)).float()  # (B, G, R*T, T)
+            future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1).repeat(nh // G, 1)  # (R*T, T)
+            scores.masked_fill_(future, float("-inf")).mul_(1.0 / math.sqrt(hd))
+            p = torch.softmax(scores, dim=-1).to(v.dtype)  # (B, G, R*T, T)
+            y = torch.matmul(p, v)  # (B, G, R*T, hd)
+        ctx.save_for_backward(qg, k, v, p)
+        return y.view(B, nh, T, hd)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        qg, k, v, p = ctx.saved_tensors
+        B, G, RT, hd = qg.shape
+        with torch.autocast(qg.device.type, enabled=False):
+            dyg = dy.reshape(B, G, RT, hd).to(v.dtype)  # (B, G, R*T, hd)
+            dv = torch.matmul(p.transpose(-2, -1), dyg)  # (B, G, T, hd)
+            dp = torch.matmul(dyg, v.transpose(-2, -1)).float()  # (B, G, R*T, T)
+            pf = p.float()
+            ds = (pf * (dp - (dp * pf).sum(-1, keepdim=True))).mul_(1.0 / math.sqrt(hd)).to(qg.dtype)  # softmax'
+            dq = torch.matmul(ds, k)  # (B, G, R*T, hd)
+            dk = torch.matmul(ds.transpose(-2, -1), qg)  # (B, G, T, hd)
+        return dq.view(dy.shape), dk, dv
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of q (B, n_head, T, hd) against k, v (B, G, T, hd) -> (B, n_head, T, hd); see
+    `MatmulAttention`, and MATMUL_ATTENTION_MAX_T for where training takes it."""
+    return MatmulAttention.apply(q, k, v)
+
+
+def takes_matmul_attention(q: torch.Tensor, dropout_p: float) -> bool:
+    """Whether training attention over q (B, n_head, T, hd) takes `matmul_attention`: on the CPU, in reduced
+    precision, with gradients, no attention dropout, 1 < T <= MATMUL_ATTENTION_MAX_T, and not under torch.compile."""
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
+            and dropout_p == 0 and 1 < q.size(2) <= MATMUL_ATTENTION_MAX_T and not torch.compiler.is_compiling())
 
 
 def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, length: int) -> torch.Tensor:

@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt_lightning.common.errors import UserError
-from gpt_lightning.model.attention import GROUPED_MAX_T, choose_sdpa_path, decode_attention, sdpa
+from gpt_lightning.model.attention import (GROUPED_MAX_T, MATMUL_ATTENTION_MAX_T, choose_sdpa_path, decode_attention,
+                                           matmul_attention, sdpa, takes_matmul_attention)
 from gpt_lightning.model.kv_cache import KVCache
 from gpt_lightning.model.loss import lm_head_loss
 from gpt_lightning.model.recompute import TiedGradient, gelu_linear, tied_embedding
@@ -119,10 +120,15 @@ class CausalSelfAttention(nn.Module):
                 visible = torch.ones(T, L, dtype=torch.bool, device=x.device).tril_(L - T)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible,
                                                    enable_gqa=self.n_kv_groups != self.n_head)
-        else:  # training, or a prefill into an empty cache: causal SDPA
+        else:  # training, or a prefill into an empty cache: causal SDPA (or its matmul form, CPU bf16 training)
             if cache is not None:
                 k, v = cache.update(layer, k, v)
-            y = sdpa(q, k, v, self.dropout if self.training else 0.0, T > 1, self._expand_kv(q, k, v, T > 1))
+            dropout_p = self.dropout if self.training else 0.0
+            if takes_matmul_attention(q, dropout_p):
+                y = matmul_attention(q, k, v)
+                self.sdpa_path = f"matmul softmax (CPU {str(q.dtype).removeprefix('torch.')}, T <= {MATMUL_ATTENTION_MAX_T})"
+            else:
+                y = sdpa(q, k, v, dropout_p, T > 1, self._expand_kv(q, k, v, T > 1))
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh * hd)
         return dropout(self.resid_dropout, self.c_proj(y))
 
