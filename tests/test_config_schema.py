@@ -1,5 +1,6 @@
 """Types from a schema, ranges and agreements in `check_config`: each bad value is refused before any work."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from omegaconf import OmegaConf
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.training.config_checks import check_bench, check_config
 from gpt_lightning.training.config_errors import one_line
+from gpt_lightning.model.attention import MATMUL_ATTENTION_MAX_T
 from gpt_lightning.model.loss import CHUNK_ELEMENTS
 from gpt_lightning.training.memory_check import StepMemory, step_memory
 from gpt_lightning.training.model_config import gpt_config_from_cfg
@@ -117,6 +119,14 @@ def test_the_memory_estimate_is_a_lower_bound_of_what_one_step_holds():
     assert need.total > need.logits
     bf16 = step_memory(model, 16, "bf16-mixed")
     assert bf16.activations * 2 == need.activations and bf16.logits < need.logits
+    # CPU bf16 training keeps matmul_attention's (B, n_head, T, T) bf16 probabilities per layer, up to its length
+    T, H, L = model.block_size, model.n_head, model.n_layer
+    assert T <= MATMUL_ATTENTION_MAX_T
+    cpu = step_memory(model, 16, "bf16-mixed", cpu=True)
+    assert cpu.activations - bf16.activations == L * 16 * H * T * T * 2
+    assert step_memory(model, 16, "32-true", cpu=True).activations == need.activations  # fp32 keeps SDPA
+    longer = replace(model, block_size=2 * MATMUL_ATTENTION_MAX_T)
+    assert step_memory(longer, 16, "bf16-mixed", cpu=True) == step_memory(longer, 16, "bf16-mixed")
 
 
 @pytest.mark.parametrize("override", ["seed=abc", "temperature=abc", "max_new_tokens=x", "top_k=1.5"])

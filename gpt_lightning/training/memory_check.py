@@ -15,6 +15,7 @@ import torch
 
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.model import GPTConfig
+from gpt_lightning.model.attention import MATMUL_ATTENTION_MAX_T
 from gpt_lightning.model.loss import chunk_rows_for, softmax_block_rows
 
 GiB = 1024 ** 3
@@ -26,7 +27,8 @@ class StepMemory:
     weights: int       # fp32 weights, gradients and AdamW's two moments: 16 bytes per parameter
     logits: int        # the fused loss's buffers: one row chunk of logits, its fp32 softmax, the (V, C) weight gradient
     activations: int   # per layer, ~12 (B*T, C) tensors kept for backward (norms' inputs and outputs, q/k/v, attention
-                       # output, the MLP's 4C input; gelu(h) is recomputed, see gpt_lightning/model/recompute.py)
+                       # output, the MLP's 4C input; gelu(h) is recomputed, see gpt_lightning/model/recompute.py), and
+                       # where CPU bf16 training takes `matmul_attention`, its (B, n_head, T, T) probabilities
 
     @property
     def total(self) -> int:
@@ -40,15 +42,18 @@ def parameters(c: GPTConfig) -> int:
     return c.padded_vocab_size * C + c.block_size * C + c.n_layer * per_layer
 
 
-def step_memory(c: GPTConfig, batch_size: int, precision: str) -> StepMemory:
-    """Lower bound on one training step's memory (fp32 weights; activations in the compute dtype of `precision`)."""
+def step_memory(c: GPTConfig, batch_size: int, precision: str, cpu: bool = False) -> StepMemory:
+    """Lower bound on one training step's memory (fp32 weights; activations in the compute dtype of `precision`;
+    `cpu`: the step runs on the CPU, where reduced precision keeps attention probabilities up to
+    MATMUL_ATTENTION_MAX_T positions)."""
     act = 2 if str(precision).startswith(("bf16", "16")) else 8 if str(precision).startswith("64") else 4
     N, V = batch_size * c.block_size, c.padded_vocab_size  # tokens per step, padded vocabulary
     rows = chunk_rows_for(N, V)  # lm_head_loss's chunk
     softmax = 0 if act == 4 else softmax_block_rows(rows, torch.bfloat16) * V * 4  # fp32 scratch beside the chunk
+    probabilities = N * c.block_size * c.n_head * act if cpu and act == 2 and c.block_size <= MATMUL_ATTENTION_MAX_T else 0
     return StepMemory(weights=16 * parameters(c),
                       logits=rows * V * act + softmax + V * c.n_embd * act,
-                      activations=12 * c.n_layer * N * c.n_embd * act)
+                      activations=c.n_layer * (12 * N * c.n_embd * act + probabilities))
 
 
 def available_memory(cuda: bool) -> tuple[int, str] | None:
@@ -78,7 +83,7 @@ def check_memory(c: GPTConfig, batch_size: int, precision: str, cuda: bool, proc
     free = available_memory(cuda)
     if free is None:
         return
-    need = step_memory(c, batch_size, precision)
+    need = step_memory(c, batch_size, precision, cpu=not cuda)
     total = need.total * (1 if cuda else processes)
     if total <= free[0]:
         return
