@@ -118,6 +118,16 @@ def test_step_breakdown_groups_the_ops_of_a_training_step():
     b = step_breakdown(c, steps=1, top=5)
     assert b["step_ms"] > 0 and len(b["top_ops"]) == 5
     assert sum(b["groups"].values()) == pytest.approx(1.0)
+
+
+def test_step_breakdown_counts_attention_built_from_matmuls_as_attention():
+    model = tiny(2).train()  # CPU bf16 training takes matmul_attention: bmm and softmax, no SDPA op
+    x = torch.randint(0, 100, (2, 32))
+    c = TrainContender("t", model, torch.optim.AdamW(model.parameters()), x, torch.roll(x, -1, 1),
+                       autocast_dtype=torch.bfloat16)
+    b = step_breakdown(c, steps=1)
+    assert model.transformer.h[0].attn.sdpa_path.startswith("matmul softmax")
+    assert b["groups"]["attention"] > 0 and sum(b["groups"].values()) == pytest.approx(1.0)
     assert {"matmul", "attention"} <= set(b["groups"])
     assert group_of("aten::_fused_adamw_") == "optimizer + clip" and group_of("aten::addmm") == "matmul"
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from torch.profiler import ProfilerActivity, profile
 
-# Op-name fragments -> group, first match wins (self time, so a group never counts its children twice).
+from gpt_lightning.model.attention import ATTENTION_SCOPE
+
+# Op-name fragments -> group, first match wins (self time, so a group never counts its children twice). Ops run
+# inside an ATTENTION_SCOPE (attention from plain matmuls and a softmax, e.g. CPU bf16 training) count as attention.
 GROUPS = (
     ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")),
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn", "aten::_addmm_activation")),
@@ -22,6 +25,16 @@ def group_of(op: str) -> str:
     return "other"
 
 
+def in_scope(event, label: str) -> bool:
+    """Whether a profiler event ran inside a `record_function(label)` (directly or further up)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == label:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def step_breakdown(contender, steps: int = 2, top: int = 10) -> dict:
     """Profile `steps` training steps of a `TrainContender` (after one untimed step): per-step milliseconds of the
     top ops by self time, and the share of each group of ops."""
@@ -34,8 +47,10 @@ def step_breakdown(contender, steps: int = 2, top: int = 10) -> dict:
     self_us = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) for e in events}
     total = sum(self_us.values()) or 1.0
     groups: dict[str, float] = {}
-    for op, us in self_us.items():
-        groups[group_of(op)] = groups.get(group_of(op), 0.0) + us
+    for e in prof.events():
+        if e.name.startswith(("aten::", "mkldnn::")):
+            group = "attention" if in_scope(e, ATTENTION_SCOPE) else group_of(e.name)
+            groups[group] = groups.get(group, 0.0) + (e.self_device_time_total if cuda else e.self_cpu_time_total)
     ranked = sorted(self_us.items(), key=lambda kv: -kv[1])[:top]
     return {"step_ms": total / steps / 1e3,
             "top_ops": [{"op": op, "ms_per_step": us / steps / 1e3, "share": us / total} for op, us in ranked],

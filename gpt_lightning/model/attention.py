@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
+from torch.profiler import record_function
 
 GROUPED_MAX_T = 8  # new tokens per step up to which decode against a cache takes the grouped form
 # Reduced-precision decode reads the cache in multiples of this many positions (masking the rest): oneDNN builds a
@@ -34,6 +35,10 @@ FP32_CAST_MAX_ELEMENTS = 1 << 19
 # T128 (16 x 8 heads of 32) 21.3 -> 5.9 ms, T256 (8 x 6 of 64) 19.1 -> 10.7 ms, T512 (8 x 8 of 32) 55.8 -> 44.8 ms;
 # at T1024 flash wins (59 vs 87 ms). In fp32 the two are even (T256: 19.4 vs 19.7 ms): fp32 keeps SDPA.
 MATMUL_ATTENTION_MAX_T = 512
+
+# torch.profiler label around attention computed from plain ops (matmuls, softmax), so a step breakdown can count
+# them as attention (gpt_lightning/measure/profile.py) rather than as matmuls and softmax.
+ATTENTION_SCOPE = "gpt_lightning::attention"
 
 # SDPA backends from fastest to slowest, as a rule of thumb: the fused kernels, then the unfused math path.
 BACKEND_RANK = {"flash_attention": 0, "cudnn_attention": 0, "efficient_attention": 1, "overrideable": 2, "math": 3}
@@ -68,7 +73,7 @@ class MatmulAttention(torch.autograd.Function):
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         B, nh, T, hd = q.shape
         G = k.size(1)
-        with torch.autocast(q.device.type, enabled=False):  # the dtypes below are chosen, not autocast's
+        with record_function(ATTENTION_SCOPE), torch.autocast(q.device.type, enabled=False):  # dtypes chosen here
             qg = q.reshape(B, G, nh // G * T, hd)  # (B, G, R*T, hd): row r*T + t is head g*R + r at position t
             scores = torch.matmul(qg, k.transpose(-2, -1)).float()  # (B, G, R*T, T)
             future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1).repeat(nh // G, 1)  # (R*T, T)
@@ -82,7 +87,7 @@ class MatmulAttention(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         qg, k, v, p = ctx.saved_tensors
         B, G, RT, hd = qg.shape
-        with torch.autocast(qg.device.type, enabled=False):
+        with record_function(ATTENTION_SCOPE), torch.autocast(qg.device.type, enabled=False):
             dyg = dy.reshape(B, G, RT, hd).to(v.dtype)  # (B, G, R*T, hd)
             dv = torch.matmul(p.transpose(-2, -1), dyg)  # (B, G, T, hd)
             dp = torch.matmul(dyg, v.transpose(-2, -1)).float()  # (B, G, R*T, T)
