@@ -190,9 +190,9 @@ def bench(cfg: DictConfig) -> RunRecord:
     for r in range(b.repeats if b.train else 0):
         for c in contenders:
             train[c.name].append(c.run(b.steps))
-        round_peaks.append({k: matmul_peak(device, d) for k, d in peak_dtypes.items()})
         if b.lightning:
             lightning_rates.append(lightning_tokens_per_sec(cfg, b.steps, b.warmup_steps, precision))
+        round_peaks.append({k: matmul_peak(device, d) for k, d in peak_dtypes.items()})
         print(f"round {r + 1}/{b.repeats}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in train.items()), flush=True)
     if b.lightning:
         train[f"Lightning Trainer + DataModule ({precision})"] = lightning_rates
@@ -249,9 +249,7 @@ def bench(cfg: DictConfig) -> RunRecord:
     for name, rates in train.items():
         s = summarize(rates)
         key = "bf16" if "bf16" in name else "fp32"
-        # each round's MFU against that round's peak (the mean of the peaks at its start and end)
-        mfu = summarize([rate * flops_per_token / ((a[key] + z[key]) / 2)
-                         for rate, a, z in zip(rates, round_peaks, round_peaks[1:])])
+        mfu = per_round_mfu(rates, round_peaks, key, flops_per_token)
         s["mfu_measured_peak"], s["mfu_min"], s["mfu_max"] = mfu["median"], mfu["min"], mfu["max"]
         s["mfu_spec_peak"] = s["median"] * flops_per_token / spec_peaks[key] if spec_peaks.get(key) else None
         training[name] = s
@@ -303,6 +301,15 @@ def bench(cfg: DictConfig) -> RunRecord:
         peak_memory_bytes=mem.get("peak_bytes"), peak_memory_kind=mem.get("kind"),
         precision="bf16-mixed" if best.endswith("bf16-mixed") else "32-true", device=result["device"],
         details=result)
+
+
+def per_round_mfu(rates: list[float], round_peaks: list[dict], key: str, flops_per_token: float) -> dict:
+    """MFU of each round (tokens/s `rates[i]`) against the mean of the `key` peaks measured at its start and end
+    (`round_peaks[i]`, `round_peaks[i + 1]`); median with min-max."""
+    if len(round_peaks) != len(rates) + 1:
+        raise ValueError(f"{len(rates)} rounds need {len(rates) + 1} peak measurements, got {len(round_peaks)}")
+    return summarize([rate * flops_per_token / ((start[key] + end[key]) / 2)
+                      for rate, start, end in zip(rates, round_peaks, round_peaks[1:])])
 
 
 def summarize_memory(runs: list[dict]) -> dict:
@@ -416,8 +423,8 @@ def format_table(r: dict) -> str:
     for name, lim in r.get("decode_read_limit_b1", {}).items():
         s = lim["tokens_per_sec"]
         lines.append(f"{name + ' b1, decode steps only':<48} {s['median']:>9.1f} {s['min']:>7.1f}-{s['max']:<7.1f}"
-                     f"  = {lim['fraction_of_read_limit']:.0%} of the read limit "
-                     f"({lim['fraction_of_read_limit_min']:.0%}-{lim['fraction_of_read_limit_max']:.0%}; "
+                     f"  = {lim['fraction_of_read_limit']:.0%} of the read limit (median of the rounds' own: "
+                     f"{lim['fraction_of_read_limit_min']:.0%}-{lim['fraction_of_read_limit_max']:.0%}; "
                      f"{lim['bytes_read_per_step'] / 1e6:.1f} MB per token, bandwidth beside the rounds "
                      f"{lim['read_bandwidth_bytes_per_sec']['median'] / 1e9:.1f} GB/s "
                      f"({lim['read_bandwidth_bytes_per_sec']['min'] / 1e9:.1f}-"

@@ -274,6 +274,13 @@ def test_matmul_attention_never_expands_kv_to_query_heads(kv_groups):
     assert made and (2, 4, 16, 8) not in made  # nothing with n_head heads is built: no K/V expanded to them
 
 
+def test_matmul_attention_refuses_a_double_backward_instead_of_answering_wrongly():
+    q, k, v, _ = (t.float().requires_grad_() for t in attention_inputs(2, torch.float64))
+    (dq,) = torch.autograd.grad(matmul_attention(q, k, v).square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        dq.sum().backward()
+
+
 def test_cpu_training_takes_matmul_attention_in_bf16_up_to_its_length_and_sdpa_otherwise(monkeypatch):
     x = torch.randint(0, 100, (2, 16))
 

@@ -89,6 +89,16 @@ def test_bench_produces_every_column(tmp_path):
     assert (out.parent / "decode_vs_kv_groups.png").is_file() and (out.parent / "largest_batch_vs_kv_groups.png").is_file()
 
 
+def test_each_rounds_mfu_is_against_the_peaks_measured_at_its_start_and_end():
+    from gpt_lightning.bench import per_round_mfu
+
+    peaks = [{"bf16": 100.0}, {"bf16": 300.0}, {"bf16": 100.0}]  # round 1 between 100 and 300, round 2 300 and 100
+    mfu = per_round_mfu([10.0, 40.0], peaks, "bf16", flops_per_token=4.0)
+    assert (mfu["min"], mfu["max"], mfu["n"]) == (40 / 200, 160 / 200, 2)  # rate * flops / mean of its two peaks
+    with pytest.raises(ValueError, match="2 rounds need 3 peak measurements"):
+        per_round_mfu([10.0, 40.0], peaks[:2], "bf16", 4.0)
+
+
 def test_bench_refuses_kv_groups_that_do_not_divide_the_heads(tmp_path):
     result = subprocess.run([sys.executable, "-m", "gpt_lightning.bench", "experiment=debug", "bench.kv_groups=[1,3]"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120,

@@ -79,6 +79,23 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+def test_fp16_weight_gradient_stays_finite_at_a_large_batch():
+    # The mean's 1/N is applied inside the weight-gradient GEMM: the summed loss's gradient grows with the rows and
+    # overflowed fp16 (65504) here, before any GradScaler could help.
+    torch.manual_seed(0)
+    rows, width, vocab = 16384, 64, 128
+    h = (torch.randn(rows, width) + 10).requires_grad_()
+    w = (torch.randn(vocab, width) * 0.02).requires_grad_()
+    t = torch.zeros(rows, dtype=torch.long)
+    t[::2] = 1
+    with torch.autocast("cpu", dtype=torch.float16):
+        lm_head_loss(h, w, t, vocab).backward()
+    ref_h, ref_w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    F.cross_entropy(F.linear(ref_h, ref_w), t).backward()
+    assert torch.isfinite(w.grad).all() and torch.isfinite(h.grad).all()
+    torch.testing.assert_close(w.grad, ref_w.grad, atol=0.05, rtol=0.02)
+
+
 def test_no_buffer_of_all_rows_by_the_vocabulary_is_ever_made():
     h, w, t = inputs()
     with LargestTensor() as mode:

@@ -44,7 +44,8 @@ def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5
 
 
 def bandwidth_probe(device: torch.device):
-    """A quick `read_bandwidth` (256 MB, still 8x the dev CPU's L3; best of 3) to take beside every timed round."""
+    """A quick `read_bandwidth` (256 MB, still 8x the dev CPU's L3; best of 3) to take beside every timed round.
+    On a CPU whose last-level cache nears 256 MB it would partly read cache and overstate the bandwidth."""
     return lambda: read_bandwidth(device, nbytes=1 << 28, repeats=3)
 
 

@@ -1,12 +1,16 @@
-"""Attention kernels behind `CausalSelfAttention`: the grouped form for decode, and which SDPA path training takes.
+"""Attention kernels behind `CausalSelfAttention`: decode against the KV cache, and the path training takes.
 
-Query head i reads KV head i // (n_head // G) (contiguous groups). Two ways to honour that:
-- decode (a few new tokens against a KV cache of G heads): `grouped_attention` folds each KV head's group of
-  query heads into the query dimension, (B, G, n_head/G * T, hd) against (B, G, L, hd): plain batched matmuls
-  that read each cached key and value once per step, with no copy of K/V to n_head heads;
-- training and prefill: SDPA. Its fused kernels do not all take `enable_gqa` (on CUDA, flash and cuDNN may
-  refuse it, and in fp32 GQA can fall back to the math path while MHA gets a fused kernel), so at its first call
-  an attention layer asks SDPA which backend it would pick for GQA and for MHA at the same shape
+Query head i reads KV head i // (n_head // G) (contiguous groups). K/V are never expanded to n_head heads except
+where that buys SDPA a faster kernel (below). The paths:
+- decode (a few new tokens against a KV cache of G heads): `decode_attention`, by default `grouped_attention`,
+  which folds each KV head's group of query heads into the query dimension, (B, G, n_head/G * T, hd) against
+  (B, G, L, hd): plain batched matmuls that read each cached key and value once per step; SDPA or an fp32 copy of a
+  small cache where the dev CPU measured that faster;
+- training on the CPU in bf16 up to MATMUL_ATTENTION_MAX_T positions: `matmul_attention`, the same grouped layout
+  as two matmuls around an fp32 softmax (the CPU flash kernel's bf16 backward is slow there);
+- training otherwise, and prefill: SDPA. Its fused kernels do not all take `enable_gqa` (on CUDA, flash and cuDNN
+  may refuse it, and in fp32 GQA can fall back to the math path while MHA gets a fused kernel), so at its first
+  call an attention layer asks SDPA which backend it would pick for GQA and for MHA at the same shape
   (`sdpa_backend`) and expands K/V to n_head heads when that gets a faster kernel (`expand_kv_for_speed`).
 """
 
@@ -17,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
+from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 
 GROUPED_MAX_T = 8  # new tokens per step up to which decode against a cache takes the grouped form
@@ -65,9 +70,10 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length:
 
 
 class MatmulAttention(torch.autograd.Function):
-    """Causal self-attention as two batched matmuls around an fp32 softmax, keeping only the probabilities (in the
-    inputs' dtype) for backward. Query groups are folded as in `grouped_attention`: K/V stay at G heads, and the
-    gradients of the query heads that share a KV head are summed by the matmuls themselves."""
+    """Causal self-attention as two batched matmuls around an fp32 softmax, keeping the probabilities (in the inputs'
+    dtype) and the queries for backward. Query groups are folded as in `grouped_attention`: K/V
+    stay at G heads, and the gradients of the query heads that share a KV head are summed by the matmuls themselves.
+    First-order only (`once_differentiable`): a double backward raises instead of returning wrong values."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -75,24 +81,27 @@ class MatmulAttention(torch.autograd.Function):
         G = k.size(1)
         with record_function(ATTENTION_SCOPE), torch.autocast(q.device.type, enabled=False):  # dtypes chosen here
             qg = q.reshape(B, G, nh // G * T, hd)  # (B, G, R*T, hd): row r*T + t is head g*R + r at position t
-            scores = torch.matmul(qg, k.transpose(-2, -1)).float()  # (B, G, R*T, T)
+            # the scale in fp32, on the scores: scaling the bf16 queries first doubled the gradients' rounding error
+            scores = torch.matmul(qg, k.transpose(-2, -1)).float().mul_(1.0 / math.sqrt(hd))  # (B, G, R*T, T)
             future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1).repeat(nh // G, 1)  # (R*T, T)
-            scores.masked_fill_(future, float("-inf")).mul_(1.0 / math.sqrt(hd))
-            p = torch.softmax(scores, dim=-1).to(v.dtype)  # (B, G, R*T, T)
+            scores.masked_fill_(future, float("-inf"))
+            p = torch.softmax(scores, dim=-1, out=scores).to(v.dtype)  # (B, G, R*T, T)
             y = torch.matmul(p, v)  # (B, G, R*T, hd)
         ctx.save_for_backward(qg, k, v, p)
         return y.view(B, nh, T, hd)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy: torch.Tensor):
         qg, k, v, p = ctx.saved_tensors
         B, G, RT, hd = qg.shape
         with record_function(ATTENTION_SCOPE), torch.autocast(qg.device.type, enabled=False):
             dyg = dy.reshape(B, G, RT, hd).to(v.dtype)  # (B, G, R*T, hd)
             dv = torch.matmul(p.transpose(-2, -1), dyg)  # (B, G, T, hd)
+            # softmax backward, dS = P * (dP - rowsum(dP * P)), in place over dP: two (R*T, T) fp32 buffers at most
             dp = torch.matmul(dyg, v.transpose(-2, -1)).float()  # (B, G, R*T, T)
-            pf = p.float()
-            ds = (pf * (dp - (dp * pf).sum(-1, keepdim=True))).mul_(1.0 / math.sqrt(hd)).to(qg.dtype)  # softmax'
+            rowsum = (dp * p).sum(-1, keepdim=True)  # (B, G, R*T, 1)
+            ds = dp.sub_(rowsum).mul_(p).mul_(1.0 / math.sqrt(hd)).to(qg.dtype)  # (B, G, R*T, T), scaled
             dq = torch.matmul(ds, k)  # (B, G, R*T, hd)
             dk = torch.matmul(ds.transpose(-2, -1), qg)  # (B, G, T, hd)
         return dq.view(dy.shape), dk, dv
@@ -105,9 +114,10 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 
 def takes_matmul_attention(q: torch.Tensor, dropout_p: float) -> bool:
-    """Whether training attention over q (B, n_head, T, hd) takes `matmul_attention`: on the CPU, in reduced
-    precision, with gradients, no attention dropout, 1 < T <= MATMUL_ATTENTION_MAX_T, and not under torch.compile."""
-    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
+    """Whether training attention over q (B, n_head, T, hd) takes `matmul_attention`: on the CPU, in bf16 (fp16's
+    unscaled q.k^T could overflow), with gradients, no attention dropout, 1 < T <= MATMUL_ATTENTION_MAX_T, and not
+    under torch.compile."""
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
             and dropout_p == 0 and 1 < q.size(2) <= MATMUL_ATTENTION_MAX_T and not torch.compiler.is_compiling())
 
 
@@ -115,26 +125,27 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     """Attention of T <= GROUPED_MAX_T new queries (B, n_head, T, hd) against a cache's (B, G, max_len, hd) buffers
     whose first `length` positions are filled (the new tokens' included). K/V are never expanded to n_head heads.
 
-    - One new token, MHA (on the CPU: in fp32): SDPA. On the CPU it beat the grouped matmuls at every batch x context of the
-      decode grid (B32, L992: 1.31-1.43 ms vs 1.62-1.69).
-    - One new token at batch 1 on the CPU (fp32): SDPA for GQA and MQA too; its flash kernel takes GQA natively
+    - One new token, MHA: SDPA (on the CPU not in reduced precision). On the CPU in fp32 it beat the grouped
+      matmuls at every batch x context of the decode grid (B32, L992: 1.31-1.43 ms vs 1.62-1.69). On a GPU this is
+      unmeasured (no GPU was available): SDPA's fused kernels are the natural choice there.
+    - One new token at batch 1 on the CPU (fp32, fp64): SDPA for GQA and MQA too; its flash kernel takes GQA natively
       and beat the grouped matmuls at every context (8 heads of 32, MQA L128: 8 us vs 19; L1024: 36 vs 42).
     - Otherwise the grouped form, which reads each KV head once for its whole query group (SDPA reads it once per
       query head: B32 L1024 MQA, 702 us vs 314).
-    - Reduced precision on the CPU: a small filled cache (FP32_CAST_MAX_ELEMENTS) is cast to fp32 and takes the
-      fp32 path; a larger one the grouped form in its own dtype, over `length` rounded up to KEY_BUCKET positions.
+    - bf16/fp16 on the CPU: a small filled cache (FP32_CAST_MAX_ELEMENTS) is cast to fp32 and takes the fp32 path;
+      a larger one the grouped form in its own dtype, over `length` rounded up to KEY_BUCKET positions.
     Timings: dev CPU, README "Attention kernels".
     """
     B, nh, T, hd = q.shape
     G = cache_k.size(1)
-    cpu, fp32 = q.device.type == "cpu", q.dtype == torch.float32
-    if cpu and not fp32 and B * G * length * hd <= FP32_CAST_MAX_ELEMENTS:
+    cpu, reduced = q.device.type == "cpu", q.dtype in (torch.bfloat16, torch.float16)
+    if cpu and reduced and B * G * length * hd <= FP32_CAST_MAX_ELEMENTS:
         k, v = cache_k[:, :, :length].float(), cache_v[:, :, :length].float()  # (B, G, L, hd) fp32 copies
         return decode_attention(q.float(), k, v, length).to(q.dtype)
-    if T == 1 and (fp32 or not cpu) and (G == nh or (cpu and B == 1)):
+    if T == 1 and not (cpu and reduced) and (G == nh or (cpu and B == 1)):
         return F.scaled_dot_product_attention(q, cache_k[:, :, :length], cache_v[:, :, :length],
                                               enable_gqa=G != nh)
-    if cpu and not fp32:
+    if cpu and reduced:
         end = min(cache_k.size(2), -(-length // KEY_BUCKET) * KEY_BUCKET)
         return grouped_attention(q, cache_k[:, :, :end], cache_v[:, :, :end], length)
     return grouped_attention(q, cache_k[:, :, :length], cache_v[:, :, :length])

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt_lightning.common.errors import UserError
-from gpt_lightning.model.attention import (GROUPED_MAX_T, MATMUL_ATTENTION_MAX_T, choose_sdpa_path, decode_attention,
-                                           matmul_attention, sdpa, takes_matmul_attention)
+from gpt_lightning.model.attention import (GROUPED_MAX_T, choose_sdpa_path, decode_attention, matmul_attention, sdpa,
+                                           takes_matmul_attention)
 from gpt_lightning.model.kv_cache import KVCache
 from gpt_lightning.model.loss import lm_head_loss
 from gpt_lightning.model.recompute import TiedGradient, gelu_linear, tied_embedding
@@ -102,7 +102,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.sdpa_paths: dict[tuple, tuple[bool, str]] = {}  # (device, dtype, dropout?) -> (expand K/V?, label)
-        self.sdpa_path: str | None = None  # the SDPA path of the last training/prefill call, for the bench
+        self.sdpa_path: str | None = None  # the attention path of the last training/prefill call, for the bench
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
@@ -126,7 +126,7 @@ class CausalSelfAttention(nn.Module):
             dropout_p = self.dropout if self.training else 0.0
             if takes_matmul_attention(q, dropout_p):
                 y = matmul_attention(q, k, v)
-                self.sdpa_path = f"matmul softmax (CPU {str(q.dtype).removeprefix('torch.')}, T <= {MATMUL_ATTENTION_MAX_T})"
+                self.sdpa_path = f"matmul softmax (CPU {str(q.dtype).removeprefix('torch.')})"
             else:
                 y = sdpa(q, k, v, dropout_p, T > 1, self._expand_kv(q, k, v, T > 1))
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh * hd)

@@ -57,8 +57,8 @@ class LMHeadLoss(torch.autograd.Function):
     into an fp32 buffer); then in place in fp32: the row max, the softmax, the loss lse - logit[target] with
     lse = max + log(sum) = max - log(max p) (max p >= 1/V never underflows, where log(p[target]) could); and,
     when a backward will follow, the gradient of the summed loss (softmax - onehot) written back over the logits,
-    then folded at once into grad_hidden (rows, C) and grad_weight (V, C). Only those two (the size of the inputs)
-    are kept for backward, which just scales them (by 1/N and the incoming gradient). So no (N, V) buffer is ever alive, and, unlike recomputing the logits in
+    then folded at once into grad_hidden (rows, C) and grad_weight (V, C, with the mean's 1/N applied by the GEMM).
+    Only those two (the size of the inputs) are kept for backward, which just scales them. So no (N, V) buffer is ever alive, and, unlike recomputing the logits in
     backward ("cut cross-entropy"), the LM head's three matmuls run once each, as unfused.
 
     Each elementwise step takes a whole chunk: on the shared 2-core dev CPU, cache-sized blocks of a few rows
@@ -95,11 +95,13 @@ class LMHeadLoss(torch.autograd.Function):
                     total += (lse - x_t).sum()
                     if need_grad:
                         p.scatter_add_(1, t, p.new_full(t.shape, -1.0))  # softmax - onehot: N x d(mean loss)/d(logits)
-                        if p is not lb:  # back over the bf16 logits; the 1/N waits for backward's scaling (a
-                            lb.copy_(p)  # multiply with a bf16 out= took 4x a plain copy: ~3% of a bf16 step)
+                        if p is not lb:  # back over the bf16 logits, unscaled: a multiply by 1/N with a bf16 out=
+                            lb.copy_(p)  # took 4x a plain copy (~3% of a bf16 step); the GEMMs below take the 1/N
                 if need_grad:
-                    torch.mm(logits, w, out=grad_h[s:s + n])  # (n, C)
-                    grad_w.addmm_(logits.t(), hs)  # (V_padded, C), accumulated over chunks
+                    torch.mm(logits, w, out=grad_h[s:s + n])  # (n, C): N x its share; backward divides by N
+                    # (V_padded, C), accumulated over chunks with the 1/N inside the GEMM (free): the summed loss's
+                    # weight gradient grows with N and would overflow fp16 at large batches
+                    grad_w.addmm_(logits.t(), hs, alpha=1.0 / N)
             # Kept on ctx, not saved for backward: backward scales them in place and hands them over, so the
             # (V, C) weight gradient is never there twice. The price: one backward per forward (no retain_graph).
             ctx.grads = (grad_h, grad_w) if need_grad else None
@@ -112,11 +114,10 @@ class LMHeadLoss(torch.autograd.Function):
             raise RuntimeError("lm_head_loss: backward ran twice (retain_graph) or without gradients from forward")
         (grad_h, grad_w), ctx.grads = ctx.grads, None
         h_dtype, w_dtype = ctx.dtypes
-        scale = grad / ctx.rows  # forward left the gradients of the summed loss: scale to the mean's, times grad
-        grad_w = grad_w.mul_(scale).to(w_dtype) if ctx.needs_input_grad[1] else None
+        grad_w = grad_w.mul_(grad).to(w_dtype) if ctx.needs_input_grad[1] else None  # already the mean's
         if ctx.tied is not None:
             ctx.tied.grad, grad_w = grad_w, None
-        return grad_h.mul_(scale).to(h_dtype), grad_w, None, None, None, None, None, None
+        return grad_h.mul_(grad / ctx.rows).to(h_dtype), grad_w, None, None, None, None, None, None
 
 
 class NextTokenLoss(torch.autograd.Function):
