@@ -125,6 +125,7 @@ def test_the_memory_estimate_is_a_lower_bound_of_what_one_step_holds():
     cpu = step_memory(model, 16, "bf16-mixed", cpu=True)
     assert cpu.activations - bf16.activations == L * 16 * H * T * T * 2
     assert step_memory(model, 16, "32-true", cpu=True).activations == need.activations  # fp32 keeps SDPA
+    assert step_memory(model, 16, "16-mixed", cpu=True) == step_memory(model, 16, "16-mixed")  # so does fp16
     longer = replace(model, block_size=2 * MATMUL_ATTENTION_MAX_T)
     assert step_memory(longer, 16, "bf16-mixed", cpu=True) == step_memory(longer, 16, "bf16-mixed")
 

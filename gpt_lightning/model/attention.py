@@ -145,10 +145,8 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     if T == 1 and not (cpu and reduced) and (G == nh or (cpu and B == 1)):
         return F.scaled_dot_product_attention(q, cache_k[:, :, :length], cache_v[:, :, :length],
                                               enable_gqa=G != nh)
-    if cpu and reduced:
-        end = min(cache_k.size(2), -(-length // KEY_BUCKET) * KEY_BUCKET)
-        return grouped_attention(q, cache_k[:, :, :end], cache_v[:, :, :end], length)
-    return grouped_attention(q, cache_k[:, :, :length], cache_v[:, :, :length])
+    end = min(cache_k.size(2), -(-length // KEY_BUCKET) * KEY_BUCKET) if cpu and reduced else length
+    return grouped_attention(q, cache_k[:, :, :end], cache_v[:, :, :end], length)
 
 
 def expand_kv_for_speed(gqa_backend: str, mha_backend: str) -> bool:

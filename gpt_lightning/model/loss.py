@@ -58,7 +58,8 @@ class LMHeadLoss(torch.autograd.Function):
     lse = max + log(sum) = max - log(max p) (max p >= 1/V never underflows, where log(p[target]) could); and,
     when a backward will follow, the gradient of the summed loss (softmax - onehot) written back over the logits,
     then folded at once into grad_hidden (rows, C) and grad_weight (V, C, with the mean's 1/N applied by the GEMM).
-    Only those two (the size of the inputs) are kept for backward, which just scales them. So no (N, V) buffer is ever alive, and, unlike recomputing the logits in
+    Only those two (the size of the inputs) are kept for backward, which just scales them. So no (N, V) buffer is
+    ever alive, and, unlike recomputing the logits in
     backward ("cut cross-entropy"), the LM head's three matmuls run once each, as unfused.
 
     Each elementwise step takes a whole chunk: on the shared 2-core dev CPU, cache-sized blocks of a few rows

@@ -44,13 +44,14 @@ def parameters(c: GPTConfig) -> int:
 
 def step_memory(c: GPTConfig, batch_size: int, precision: str, cpu: bool = False) -> StepMemory:
     """Lower bound on one training step's memory (fp32 weights; activations in the compute dtype of `precision`;
-    `cpu`: the step runs on the CPU, where reduced precision keeps attention probabilities up to
-    MATMUL_ATTENTION_MAX_T positions)."""
+    `cpu`: the step runs on the CPU, where bf16 training keeps attention probabilities up to
+    MATMUL_ATTENTION_MAX_T positions, as `takes_matmul_attention` decides)."""
     act = 2 if str(precision).startswith(("bf16", "16")) else 8 if str(precision).startswith("64") else 4
     N, V = batch_size * c.block_size, c.padded_vocab_size  # tokens per step, padded vocabulary
     rows = chunk_rows_for(N, V)  # lm_head_loss's chunk
     softmax = 0 if act == 4 else softmax_block_rows(rows, torch.bfloat16) * V * 4  # fp32 scratch beside the chunk
-    probabilities = N * c.block_size * c.n_head * act if cpu and act == 2 and c.block_size <= MATMUL_ATTENTION_MAX_T else 0
+    matmul_attention = cpu and str(precision).startswith("bf16") and c.block_size <= MATMUL_ATTENTION_MAX_T
+    probabilities = N * c.block_size * c.n_head * act if matmul_attention else 0  # (B, n_head, T, T) bf16
     return StepMemory(weights=16 * parameters(c),
                       logits=rows * V * act + softmax + V * c.n_embd * act,
                       activations=c.n_layer * (12 * N * c.n_embd * act + probabilities))
