@@ -1,4 +1,5 @@
-"""Training-memory savers: gelu(h) recomputed in backward, and one (V, C) gradient for the tied embedding + LM head.
+"""Training-memory savers: gelu(h) and the norms' outputs recomputed in backward, and one (V, C) gradient for the tied
+embedding + LM head.
 
 Each must give aten's values and gradients, and must actually keep less alive than aten would.
 """
@@ -11,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import gpt_lightning.model.gpt as gpt_module
 from gpt_lightning.measure.references import UnfusedHeadGPT
 from gpt_lightning.model import GPT, GPTConfig
-from gpt_lightning.model.recompute import gelu_linear
+from gpt_lightning.model.recompute import gelu_linear, layer_norm_linear
 
 
 def plain_gelu_linear(h, weight, bias):
@@ -77,6 +78,81 @@ def test_the_mlp_keeps_one_hidden_activation_for_backward_not_two():
     assert aten - ours == hidden
 
 
+def plain_layer_norm_linear(x, norm, linear):
+    return linear(norm(x))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_layer_norm_linear_equals_the_two_modules_bit_for_bit(bias, autocast):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, requires_grad=True)  # (B, T, C)
+    norm, linear = torch.nn.LayerNorm(16, bias=bias), torch.nn.Linear(16, 24, bias=bias)
+    with torch.no_grad():  # away from LayerNorm's identity initialisation
+        for p in norm.parameters():
+            p.normal_()
+    params = [x, *norm.parameters(), *linear.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        xs = x * 1.0  # the residual stream is an op's output, as in a block
+        out, ref = layer_norm_linear(xs, norm, linear), plain_layer_norm_linear(xs, norm, linear)
+    assert out.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    g = torch.randn_like(ref)
+    mine = torch.autograd.grad(out, params, g, retain_graph=True)
+    for m, t, p in zip(mine, torch.autograd.grad(ref, params, g), params):
+        assert m.dtype == t.dtype == p.dtype
+        torch.testing.assert_close(m, t, atol=0, rtol=0)
+
+
+def saved_bytes(run) -> int:
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(saved.values())
+
+
+def test_a_block_keeps_no_normalised_copy_of_its_input_for_backward():
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_kv_groups=2, n_embd=16)).train()
+    x = torch.randn(2, 8, 16, requires_grad=True) * 1.0
+    block = model.transformer.h[0]
+    ours = saved_bytes(lambda: block(x))
+    gpt_module.layer_norm_linear, kept = plain_layer_norm_linear, gpt_module.layer_norm_linear
+    try:
+        aten = saved_bytes(lambda: block(x))
+    finally:
+        gpt_module.layer_norm_linear = kept
+    # per norm, its (B, T, C) fp32 output and its (B, T, 1) mean and rstd: backward recomputes all three
+    assert aten - ours == 2 * (2 * 8 * 16 * 4 + 2 * (2 * 8 * 4))
+
+
+def test_without_gradients_the_norm_and_linear_run_as_modules():
+    # decode swaps linears' forwards for its own weight layouts; they must still be called there
+    norm, linear = torch.nn.LayerNorm(16), torch.nn.Linear(16, 8)
+    calls = []
+    linear.register_forward_hook(lambda *a: calls.append("linear"))
+    norm.register_forward_hook(lambda *a: calls.append("norm"))
+    with torch.no_grad():
+        layer_norm_linear(torch.randn(2, 3, 16), norm, linear)
+    assert calls == ["norm", "linear"]
+    layer_norm_linear(torch.randn(2, 3, 16), norm, linear)  # with gradients: the fused Function
+    assert calls == ["norm", "linear"]
+
+
+def test_building_the_model_allocates_one_vocabulary_sized_weight():
+    config = GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=4, n_kv_groups=2, n_embd=24)
+    shape = (config.padded_vocab_size, config.n_embd)  # (128, 24): no other weight has that shape
+    with NewVocabSizedTensors(shape, cpu_only=True) as mode:
+        mode.recording = True
+        model = GPT(config)
+    # an nn.Linear LM head would allocate its own (V, C) weight only to drop it for the tied one
+    assert mode.new == {model.transformer.wte.weight.untyped_storage().data_ptr()}
+
+
 def tiny(seed=0):
     torch.manual_seed(seed)
     return GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=4, n_kv_groups=2, n_embd=32)
@@ -91,11 +167,12 @@ def test_gpt_gradients_equal_a_model_of_plain_aten_ops():
     loss = ours(x, y)
     loss.backward()
     gpt_module.gelu_linear, kept = plain_gelu_linear, gpt_module.gelu_linear
+    gpt_module.layer_norm_linear, kept_norm = plain_layer_norm_linear, gpt_module.layer_norm_linear
     try:
         ref = plain(x, y)
         ref.backward()
     finally:
-        gpt_module.gelu_linear = kept
+        gpt_module.gelu_linear, gpt_module.layer_norm_linear = kept, kept_norm
     torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
     for (name, p), q in zip(ours.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
@@ -104,14 +181,15 @@ def test_gpt_gradients_equal_a_model_of_plain_aten_ops():
 class NewVocabSizedTensors(TorchDispatchMode):
     """Counts the distinct (V_padded, C) storages that ops return, once recording starts."""
 
-    def __init__(self, shape):
+    def __init__(self, shape, cpu_only=False):
         super().__init__()
         self.shape, self.known, self.new, self.recording = shape, set(), set(), False
+        self.cpu_only = cpu_only  # ignore meta tensors (shapes without storage)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for o in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(o, torch.Tensor) and tuple(o.shape) == self.shape:
+            if isinstance(o, torch.Tensor) and tuple(o.shape) == self.shape and not (self.cpu_only and o.is_meta):
                 ptr = o.untyped_storage().data_ptr()
                 if self.recording and ptr not in self.known:
                     self.new.add(ptr)

@@ -21,7 +21,7 @@ from gpt_lightning.model.attention import (GROUPED_MAX_T, choose_sdpa_path, deco
                                            takes_matmul_attention)
 from gpt_lightning.model.kv_cache import KVCache
 from gpt_lightning.model.loss import lm_head_loss
-from gpt_lightning.model.recompute import TiedGradient, gelu_linear, tied_embedding
+from gpt_lightning.model.recompute import TiedGradient, gelu_linear, layer_norm_linear, tied_embedding
 from gpt_lightning.model.sampling import decode
 
 
@@ -104,10 +104,13 @@ class CausalSelfAttention(nn.Module):
         self.sdpa_paths: dict[tuple, tuple[bool, str]] = {}  # (device, dtype, dropout?) -> (expand K/V?, label)
         self.sdpa_path: str | None = None  # the attention path of the last training/prefill call, for the bench
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """Attention over x (B, T, C), normalised by `norm` first where given (in training without keeping norm(x))."""
         B, T, C = x.shape
         kv_dim = self.n_kv_groups * self.head_dim
-        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
+        qkv = self.c_attn(x) if norm is None else layer_norm_linear(x, norm, self.c_attn)  # (B, T, C + 2 kv_dim)
+        q, k, v = qkv.split([C, kv_dim, kv_dim], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_groups, self.head_dim).transpose(1, 2)  # (B, G, T, hd)
         v = v.view(B, T, self.n_kv_groups, self.head_dim).transpose(1, 2)  # (B, G, T, hd)
@@ -152,8 +155,9 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)  # (B, T, hidden)
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """The MLP of x (B, T, C), normalised by `norm` first where given (in training without keeping norm(x))."""
+        h = self.c_fc(x) if norm is None else layer_norm_linear(x, norm, self.c_fc)  # (B, T, hidden)
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # training: gelu(h) is not kept
             return dropout(self.dropout, gelu_linear(h, self.c_proj.weight, self.c_proj.bias))
         # No gradients (decode swaps c_proj's forward for its matvec layout), or compiling: plain modules.
@@ -169,8 +173,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)  # pre-LayerNorm residual blocks
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.attn(x, cache, layer, norm=self.ln_1)  # pre-LayerNorm residual blocks
+        return x + self.mlp(x, norm=self.ln_2)
 
 
 class GPT(nn.Module):
@@ -184,7 +188,9 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # Built on the meta device: its own (V, C) weight would be allocated only to be dropped for the tied one
+        # (77 MB at the gpt2 vocabulary, C = 384, left as a hole in the CPU heap).
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False, device="meta")
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's variance stays put.

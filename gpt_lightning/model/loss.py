@@ -73,14 +73,14 @@ class LMHeadLoss(torch.autograd.Function):
             h = hidden.to(dtype)  # (N, C)
             w = weight.to(dtype)  # (V_padded, C): padded, so the matmuls keep their fast shapes
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            if need_grad:  # allocated before the chunk buffers, which go when forward returns (less heap left in holes)
+                grad_h = torch.empty_like(h)  # (N, C)
+                grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device)  # (V_padded, C)
             buffer = torch.empty(min(rows, N), V, dtype=dtype, device=hidden.device)  # reused by every chunk
             # Under bf16 the fp32 softmax runs over a quarter of a chunk at a time: the matmuls keep their chunk
             # (256-row chunks cost 2-3% of a step on the dev CPU), the fp32 scratch is a quarter of its size.
             sub = softmax_block_rows(buffer.size(0), dtype)
             probs = buffer if dtype == torch.float32 else torch.empty(sub, V, device=hidden.device)
-            if need_grad:
-                grad_h = torch.empty_like(h)  # (N, C)
-                grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device)  # (V_padded, C)
             for s in range(0, N, rows):
                 hs = h[s:s + rows]  # (n, C)
                 n = hs.size(0)

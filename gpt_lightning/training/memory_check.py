@@ -26,8 +26,9 @@ class StepMemory:
     """Bytes one training step needs at least, per process."""
     weights: int       # fp32 weights, gradients and AdamW's two moments: 16 bytes per parameter
     logits: int        # the fused loss's buffers: one row chunk of logits, its fp32 softmax, the (V, C) weight gradient
-    activations: int   # per layer, ~12 (B*T, C) tensors kept for backward (norms' inputs and outputs, q/k/v, attention
-                       # output, the MLP's 4C input; gelu(h) is recomputed, see gpt_lightning/model/recompute.py), and
+    activations: int   # per layer, 10 (B*T, C) tensors kept for backward (the two norms' inputs, q/k/v, attention
+                       # output, the MLP's 4C input; the norms' outputs and gelu(h) are recomputed, see
+                       # gpt_lightning/model/recompute.py), and
                        # where CPU bf16 training takes `matmul_attention`, its (B, n_head, T, T) probabilities
 
     @property
@@ -54,7 +55,7 @@ def step_memory(c: GPTConfig, batch_size: int, precision: str, cpu: bool = False
     probabilities = N * c.block_size * c.n_head * act if matmul_attention else 0  # (B, n_head, T, T) bf16
     return StepMemory(weights=16 * parameters(c),
                       logits=rows * V * act + softmax + V * c.n_embd * act,
-                      activations=c.n_layer * (12 * N * c.n_embd * act + probabilities))
+                      activations=c.n_layer * (10 * N * c.n_embd * act + probabilities))
 
 
 def available_memory(cuda: bool) -> tuple[int, str] | None:
