@@ -101,6 +101,42 @@ def test_greedy_generate_with_cache_equals_without(kv_groups, batch):
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [{}, {"bias": False, "mlp_hidden": 48}], ids=["gpt2", "no-bias-wide-mlp"])
+@pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
+def test_next_logits_equals_the_module_path_step_by_step(kv_groups, shape, dtype):
+    model = tiny(kv_groups, **shape).to(dtype)
+    prompt = torch.randint(0, 100, (3, 5))
+    ours, ref = model.new_cache(3), model.new_cache(3)
+    with torch.no_grad():
+        model.hidden_states(prompt, ours), model.hidden_states(prompt, ref)
+        tokens = torch.randint(0, 100, (3,))
+        for _ in range(16 - 5):  # up to block_size
+            got = model.next_logits(tokens, ours)  # (B, vocab)
+            want = model.lm_head(model.hidden_states(tokens[:, None], ref)[:, -1])[:, :100]
+            assert got.shape == (3, 100) and got.dtype == dtype
+            tol = 1e-5 if dtype == torch.float32 else 0  # bf16: the same kernels on the same values, bit for bit
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+            assert ours.length == ref.length
+            tokens = got.float().argmax(-1)
+        for k, k_ref in zip(ours.k + ours.v, ref.k + ref.v):
+            assert k.shape == (3, kv_groups, 16, 8)  # the cache keeps its G heads
+            torch.testing.assert_close(k, k_ref, atol=0, rtol=0)
+        with pytest.raises(ValueError, match="exceeds block_size=16"):
+            model.next_logits(tokens, ours)
+
+
+def test_next_logits_in_training_mode_or_on_an_empty_cache_is_the_module_path():
+    model = tiny(2, dropout=0.5).train()
+    tokens = torch.randint(0, 100, (2,))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        got = model.next_logits(tokens, model.new_cache(2))  # dropout applies, as in hidden_states
+        torch.manual_seed(1)
+        want = model.lm_head(model.hidden_states(tokens[:, None], model.new_cache(2))[:, -1])[:, :100]
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
 def test_kv_cache_holds_kv_groups_heads(kv_groups):
     model = tiny(kv_groups)

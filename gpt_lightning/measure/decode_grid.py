@@ -21,7 +21,7 @@ import torch
 from gpt_lightning.measure.limits import bracketed
 from gpt_lightning.measure.timing import summarize, sync
 from gpt_lightning.model import GPT, KVCache
-from gpt_lightning.model.sampling import cpu_matvec_layout
+from gpt_lightning.model.sampling import cpu_matvec_layout, sample_next
 
 
 def decode_weight_bytes(model: GPT) -> int:
@@ -76,16 +76,14 @@ def prefilled_cache(model: GPT, batch: int, context: int, new_tokens: int, gener
 def time_decode_at(model: GPT, batch: int, context: int, new_tokens: int, generator: torch.Generator,
                    prompt: torch.Tensor | None = None) -> float:
     """New tokens/s (all rows counted) of `new_tokens` greedy KV-cached steps after `context` prefilled positions."""
-    vocab = model.config.vocab_size
     cache, nxt = prefilled_cache(model, batch, context, new_tokens, generator, prompt)
     with cpu_matvec_layout(model, rows=batch):
-        model.lm_head(model.hidden_states(nxt[:, None], cache)[:, -1])  # warm-up step (primitive set-up)
+        model.next_logits(nxt, cache)  # warm-up step (primitive set-up)
         cache.length = context  # rewind
         sync(nxt.device)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            h = model.hidden_states(nxt[:, None], cache)  # (B, 1, C)
-            nxt = model.lm_head(h[:, -1])[:, :vocab].argmax(-1)  # (B,)
+            nxt = sample_next(model.next_logits(nxt, cache), temperature=0)  # (B,): greedy, as generate's decode
         sync(nxt.device)
     return batch * new_tokens / (time.perf_counter() - start)
 

@@ -32,12 +32,16 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, G, T, hd) new keys/values after the filled positions; return all filled (B, G, L, hd)."""
         end = self.length + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions > max_len={self.max_len}")
-        T = k.size(2)
-        self.k[layer].narrow(2, self.length, T).copy_(k)  # one view + copy: decode writes here every layer, every step
-        self.v[layer].narrow(2, self.length, T).copy_(v)
+        self.write(layer, k, v)
         return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """`update` without the views it returns: decode writes here every layer, every step (one view + copy)."""
+        T = k.size(2)
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.length + T} positions > max_len={self.max_len}")
+        self.k[layer].narrow(2, self.length, T).copy_(k)
+        self.v[layer].narrow(2, self.length, T).copy_(v)
 
     def buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's whole (B, G, max_len, hd) key and value buffers (positions past the filled ones are stale)."""

@@ -139,9 +139,12 @@ def _decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, generat
     seq = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)  # allocated once
     seq[:, :T] = idx
     cache = model.new_cache(B)
-    h = model.hidden_states(idx[:, -bs:], cache)  # prefill: (B, min(T, bs), C)
+
+    def prefill(ids: torch.Tensor) -> torch.Tensor:  # (B, t) ids into the empty cache -> (B, vocab) last logits
+        return model.lm_head(model.hidden_states(ids, cache)[:, -1])[:, :vocab]  # LM head on the last position only
+
+    logits = prefill(idx[:, -bs:])
     for i in range(max_new_tokens):
-        logits = model.lm_head(h[:, -1])[:, :vocab]  # (B, vocab): last position only
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         seq[:, T + i] = nxt
         yield nxt
@@ -149,9 +152,9 @@ def _decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, generat
             break
         if cache.length == bs:  # full: restart from the last block_size tokens at positions 0..bs-1
             cache.reset()
-            h = model.hidden_states(seq[:, T + i + 1 - bs: T + i + 1], cache)
+            logits = prefill(seq[:, T + i + 1 - bs: T + i + 1])
         else:
-            h = model.hidden_states(nxt[:, None], cache)
+            logits = model.next_logits(nxt, cache)  # (B, vocab)
 
 
 def decode(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
