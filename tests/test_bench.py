@@ -133,3 +133,23 @@ def test_peak_memory_is_summarised_by_its_median_and_range_over_fresh_processes(
                 {"configured": 1, "mha": 1}, "peak_memory": {"ours fp32": ours, "HF GPT2LMHeadModel fp32 (sdpa)": hf}})
     assert r["peak memory: ours fp32 / HF fp32 (step, above baseline)"] == 0.3
     assert r["peak memory: ours fp32 / HF fp32 (step, highest of ours / lowest of HF)"] == 330 / 900
+
+
+@pytest.mark.slow
+def test_step_memory_takes_its_baseline_after_the_library_code_is_loaded():
+    """Building an optimizer imports torch._dynamo (~75 MB of RSS): counted as the step's memory, it would add a
+    constant to every contender and pull each ratio towards 1. A fresh process, so the import has not happened."""
+    script = (
+        "import json, sys\n"
+        "from gpt_lightning.measure import step_memory\n"
+        "loaded = []\n"
+        "rss = step_memory.current_rss\n"
+        "step_memory.current_rss = lambda: loaded.append('torch._dynamo' in sys.modules) or rss()\n"
+        "print('before', 'torch._dynamo' in sys.modules)\n"
+        "step_memory.measure(dict(kind='ours', device='cpu', batch_size=2, steps=1,\n"
+        "    config=dict(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_kv_groups=1, n_embd=16),\n"
+        "    optim=dict(lr=1e-3, betas=[0.9, 0.95], weight_decay=0.1)))\n"
+        "print('at baseline', loaded[0])\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["before", "False", "at", "baseline", "True"]

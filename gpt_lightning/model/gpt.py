@@ -137,8 +137,9 @@ class CausalSelfAttention(nn.Module):
 
     def decode_one(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
         """forward() for one new token per row, x (B, C) -> (B, C), against a cache holding >= 1 position: the same
-        values with a third of the ops (no (B, T, ...) reshapes or transposes). Decode runs this once per layer per
-        generated token, where each op's dispatch is a visible share of a batch-1 step."""
+        values with fewer ops (no (B, T, ...) reshapes or transposes; 537 aten ops per token of the 6 x 384 model
+        against forward's 754). Decode runs this once per layer per generated token, where each op's dispatch is a
+        visible share of a batch-1 step."""
         B, C = x.shape
         G, hd = self.n_kv_groups, self.head_dim
         qkv = self.c_attn(x)  # (B, C + 2 G hd)
