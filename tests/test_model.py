@@ -9,6 +9,7 @@ from conftest import fit_briefly
 
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.model import GPT, GPTConfig, kv_cache_bytes_per_token
+from gpt_lightning.model.sampling import cpu_matvec_layout
 
 ATTENTIONS = {"mha": 4, "gqa": 2, "mqa": 1}  # kv_groups at 4 heads
 
@@ -101,22 +102,31 @@ def test_greedy_generate_with_cache_equals_without(kv_groups, batch):
     assert torch.equal(cached, uncached)
 
 
+def with_random_norms(model: GPT) -> GPT:
+    """Each LayerNorm its own gains and biases: at their initial 1 and 0, swapping ln_1, ln_2 and ln_f goes unseen."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                for p in module.parameters():
+                    p.normal_(mean=1.0 if p is module.weight else 0.0, std=0.5)
+    return model
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [{}, {"bias": False, "mlp_hidden": 48}], ids=["gpt2", "no-bias-wide-mlp"])
 @pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
 def test_next_logits_equals_the_module_path_step_by_step(kv_groups, shape, dtype):
-    model = tiny(kv_groups, **shape).to(dtype)
+    model = with_random_norms(tiny(kv_groups, **shape)).to(dtype)
     prompt = torch.randint(0, 100, (3, 5))
     ours, ref = model.new_cache(3), model.new_cache(3)
-    with torch.no_grad():
+    with torch.no_grad(), cpu_matvec_layout(model, rows=3):  # as decode runs it: the linears' decode layout
         model.hidden_states(prompt, ours), model.hidden_states(prompt, ref)
         tokens = torch.randint(0, 100, (3,))
         for _ in range(16 - 5):  # up to block_size
             got = model.next_logits(tokens, ours)  # (B, vocab)
             want = model.lm_head(model.hidden_states(tokens[:, None], ref)[:, -1])[:, :100]
             assert got.shape == (3, 100) and got.dtype == dtype
-            tol = 1e-5 if dtype == torch.float32 else 0  # bf16: the same kernels on the same values, bit for bit
-            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+            torch.testing.assert_close(got, want, atol=0, rtol=0)  # the same kernels on the same values
             assert ours.length == ref.length
             tokens = got.float().argmax(-1)
         for k, k_ref in zip(ours.k + ours.v, ref.k + ref.v):
@@ -126,15 +136,23 @@ def test_next_logits_equals_the_module_path_step_by_step(kv_groups, shape, dtype
             model.next_logits(tokens, ours)
 
 
-def test_next_logits_in_training_mode_or_on_an_empty_cache_is_the_module_path():
-    model = tiny(2, dropout=0.5).train()
-    tokens = torch.randint(0, 100, (2,))
+@pytest.mark.parametrize("filled", [False, True], ids=["empty-cache", "prefilled-cache"])
+def test_next_logits_in_training_mode_applies_dropout_as_the_module_path(filled):
+    model = with_random_norms(tiny(2, dropout=0.5))
+    prompt, tokens = torch.randint(0, 100, (2, 5)), torch.randint(0, 100, (2,))
+    caches = [model.new_cache(2) for _ in range(3)]
     with torch.no_grad():
+        if filled:  # the same prefill in every cache
+            for cache in caches:
+                model.hidden_states(prompt, cache)
+        without_dropout = model.next_logits(tokens, caches[2])  # tiny() is in eval mode
+        model.train()
         torch.manual_seed(1)
-        got = model.next_logits(tokens, model.new_cache(2))  # dropout applies, as in hidden_states
+        got = model.next_logits(tokens, caches[0])
         torch.manual_seed(1)
-        want = model.lm_head(model.hidden_states(tokens[:, None], model.new_cache(2))[:, -1])[:, :100]
+        want = model.lm_head(model.hidden_states(tokens[:, None], caches[1])[:, -1])[:, :100]
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert not torch.equal(got, without_dropout)  # dropout did apply
 
 
 @pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())

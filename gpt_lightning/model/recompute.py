@@ -5,15 +5,15 @@
   gelu(h) (one elementwise pass) instead.
 - `layer_norm_linear`: a pre-norm block's LayerNorm and the linear after it (ln_1 + c_attn, ln_2 + c_fc), keeping
   only the norm's input for backward. aten keeps the input (for the norm's backward) and the normalised output
-  (for the linear's): two (B, T, C) per norm, 37 MB of the bench shape's ~230 MB of fp32 activations. Backward
-  recomputes the norm (one pass over (B, T, C), ~0.5% of a step).
+  (for the linear's): one more (B, T, C) per norm, two per layer, 38 MB of the bench shape's ~230 MB of fp32
+  activations. Backward recomputes the norm (one pass over (B, T, C), ~0.5% of a step).
 - `tied_embedding` + `TiedGradient`: the token embedding of a weight shared with the LM head. aten's embedding
   backward allocates a dense (V, C) gradient and the autograd engine then adds it to the LM head's (V, C)
   gradient: two vocabulary-sized tensors at once (77 MB each at the gpt2 vocabulary, C = 384, fp32). Here the
   LM head's loss hands its gradient over through a `TiedGradient`, and the embedding backward adds its rows to it
   in place: one (V, C) tensor.
 
-Both give aten's values and gradients (tests/test_recompute.py) and honour autocast the way F.linear does (the
+All three give aten's values and gradients (tests/test_recompute.py) and honour autocast the way F.linear does (the
 matmul in the autocast dtype, gradients in each input's own dtype). Under torch.compile `GPT` uses plain ops:
 the compiler decides what to keep on its own.
 """
@@ -70,21 +70,24 @@ def layer_norm_linear(x: torch.Tensor, norm: torch.nn.LayerNorm, linear: torch.n
     torch.compile (the compiler decides what to keep), and where autocast would change the norm's dtype (an input
     in a reduced precision on CUDA), so the values are always those of the two modules.
     """
-    exact = x.dtype == norm.weight.dtype and (x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type))
-    if not (exact and torch.is_grad_enabled()) or torch.compiler.is_compiling() or len(norm.normalized_shape) != 1:
+    autocast = torch.is_autocast_enabled(x.device.type)
+    exact = (all(p is None or p.dtype == x.dtype for p in (norm.weight, norm.bias))
+             and (x.dtype == torch.float32 or not autocast)  # CUDA autocast runs layer_norm in fp32
+             and (autocast or linear.weight.dtype == x.dtype))  # without autocast, mixed dtypes raise in F.linear
+    if not (exact and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return linear(norm(x))
-    return LayerNormLinear.apply(x, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias,
-                                 compute_dtype(x, linear.weight.dtype))
+    return LayerNormLinear.apply(x, norm.weight, norm.bias, norm.eps, tuple(norm.normalized_shape), linear.weight,
+                                 linear.bias, compute_dtype(x, linear.weight.dtype))
 
 
 class LayerNormLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, norm_weight, norm_bias, eps, weight, bias, dtype):
+    def forward(ctx, x, norm_weight, norm_bias, eps, shape, weight, bias, dtype):
         with torch.autocast(x.device.type, enabled=False):
-            a = torch.native_layer_norm(x, x.shape[-1:], norm_weight, norm_bias, eps)[0]  # (..., C): freed on return
+            a = torch.native_layer_norm(x, shape, norm_weight, norm_bias, eps)[0]  # (..., C): freed on return
             out = F.linear(a.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))  # (..., out)
         ctx.save_for_backward(x, norm_weight, norm_bias, weight)
-        ctx.eps, ctx.dtype, ctx.bias_dtype = eps, dtype, None if bias is None else bias.dtype
+        ctx.eps, ctx.shape, ctx.dtype, ctx.bias_dtype = eps, shape, dtype, None if bias is None else bias.dtype
         return out
 
     @staticmethod
@@ -93,17 +96,18 @@ class LayerNormLinear(torch.autograd.Function):
         dtype, C = ctx.dtype, x.size(-1)
         with torch.autocast(x.device.type, enabled=False):
             # The same call as forward on the same input: bit for bit the forward's a, mean and rstd.
-            a, mean, rstd = torch.native_layer_norm(x, (C,), norm_weight, norm_bias, ctx.eps)  # (..., C)
+            a, mean, rstd = torch.native_layer_norm(x, ctx.shape, norm_weight, norm_bias, ctx.eps)  # (..., C)
             g = grad.to(dtype).reshape(-1, grad.size(-1))  # (N, out)
-            grad_w = (g.t() @ a.to(dtype).reshape(-1, C)).to(weight.dtype) if ctx.needs_input_grad[4] else None
-            grad_b = g.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[5] else None
+            grad_w = (g.t() @ a.to(dtype).reshape(-1, C)).to(weight.dtype) if ctx.needs_input_grad[5] else None
+            grad_b = g.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[6] else None
             grad_x = grad_nw = grad_nb = None
-            wants = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], norm_bias is not None and ctx.needs_input_grad[2]]
+            wants = [ctx.needs_input_grad[0], norm_weight is not None and ctx.needs_input_grad[1],
+                     norm_bias is not None and ctx.needs_input_grad[2]]
             if any(wants):
                 grad_a = (g @ weight.to(dtype)).view(x.shape).to(x.dtype)  # (..., C)
                 grad_x, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
-                    grad_a, x, (C,), mean, rstd, norm_weight, norm_bias, wants)
-        return grad_x, grad_nw, grad_nb, None, grad_w, grad_b, None
+                    grad_a, x, ctx.shape, mean, rstd, norm_weight, norm_bias, wants)
+        return grad_x, grad_nw, grad_nb, None, None, grad_w, grad_b, None
 
 
 class TiedGradient:

@@ -26,9 +26,9 @@ class StepMemory:
     """Bytes one training step needs at least, per process."""
     weights: int       # fp32 weights, gradients and AdamW's two moments: 16 bytes per parameter
     logits: int        # the fused loss's buffers: one row chunk of logits, its fp32 softmax, the (V, C) weight gradient
-    activations: int   # per layer, 10 (B*T, C) tensors kept for backward (the two norms' inputs, q/k/v, attention
-                       # output, the MLP's 4C input; the norms' outputs and gelu(h) are recomputed, see
-                       # gpt_lightning/model/recompute.py), and
+    activations: int   # per layer, what backward keeps per token: the two norms' inputs (2C), q/k/v (C + 2 G hd),
+                       # the attention output (C), the MLP's hidden input (4C for GPT-2): 10C for MHA (the norms'
+                       # outputs and gelu(h) are recomputed, see gpt_lightning/model/recompute.py), and
                        # where CPU bf16 training takes `matmul_attention`, its (B, n_head, T, T) probabilities
 
     @property
@@ -53,9 +53,10 @@ def step_memory(c: GPTConfig, batch_size: int, precision: str, cpu: bool = False
     softmax = 0 if act == 4 else softmax_block_rows(rows, torch.bfloat16) * V * 4  # fp32 scratch beside the chunk
     matmul_attention = cpu and str(precision).startswith("bf16") and c.block_size <= MATMUL_ATTENTION_MAX_T
     probabilities = N * c.block_size * c.n_head * act if matmul_attention else 0  # (B, n_head, T, T) bf16
+    per_token = 2 * c.n_embd + (c.n_embd + 2 * c.n_kv_groups * c.head_dim) + c.n_embd + c.hidden  # kept per layer
     return StepMemory(weights=16 * parameters(c),
                       logits=rows * V * act + softmax + V * c.n_embd * act,
-                      activations=c.n_layer * (10 * N * c.n_embd * act + probabilities))
+                      activations=c.n_layer * (N * per_token * act + probabilities))
 
 
 def available_memory(cuda: bool) -> tuple[int, str] | None:
