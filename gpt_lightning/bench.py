@@ -29,7 +29,9 @@ from gpt_lightning.common.device import cpu_has_bf16, keep_freed_memory
 from gpt_lightning.data.tokens import get_encoding
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.measure import decode_grid as grid
-from gpt_lightning.measure.limits import bandwidth_probe, bracketed, matmul_peak, read_bandwidth, spec_peak
+from gpt_lightning.measure.decode_linears import format_linears, measure_decode_linears
+from gpt_lightning.measure.limits import (bandwidth_probe, bracketed, matmul_peak, matmul_peaks, read_bandwidth,
+                                         spec_peak)
 from gpt_lightning.measure.profile import format_breakdown, step_breakdown
 from gpt_lightning.measure.references import NaiveGPT, UnfusedHeadGPT, hf_gpt2
 from gpt_lightning.measure.step_memory import measure_in_subprocess
@@ -238,11 +240,19 @@ def bench(cfg: DictConfig) -> RunRecord:
                     steps_b1.setdefault(name, []).append(bracketed(
                         lambda: grid.time_decode_at(model, 1, prompt_len, new_tokens, g), bandwidth_probe(device)))
 
+    # decode's linears alone at each decode batch size, against the limits measured beside every round
+    linears = []
+    if b.decode_linears:
+        linears = measure_decode_linears({name: model for name, (model, is_hf) in decoders.items() if not is_hf},
+                                         list(b.grid_batch_sizes), b.repeats, lambda dtype: matmul_peak(device, dtype),
+                                         bandwidth_probe(device))
+
     # peaks, bandwidth, MFU
     flops_per_token = contenders[0].model.flops_per_token(T)
     if not round_peaks:
         round_peaks = [{k: matmul_peak(device, d) for k, d in peak_dtypes.items()}]
     peaks = {k: statistics.median(p[k] for p in round_peaks) for k in peak_dtypes}
+    by_kernel = {k: matmul_peaks(device, d) for k, d in peak_dtypes.items()}  # which kernel sets the peak, once
     bandwidth = read_bandwidth(device)
     spec_peaks = {k: spec_peak(device, d) for k, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     training = {}
@@ -274,7 +284,8 @@ def bench(cfg: DictConfig) -> RunRecord:
                   "kv_groups": config.n_kv_groups, "block_size": T, "batch_size": B,
                   "vocab": config.padded_vocab_size, "attention": config.attention},
         "flops_per_token": flops_per_token,
-        "matmul_peak_flops": peaks, "matmul_peak_flops_rounds": round_peaks, "spec_peak_flops": spec_peaks,
+        "matmul_peak_flops": peaks, "matmul_peak_flops_rounds": round_peaks, "matmul_peak_flops_by_kernel": by_kernel,
+        "spec_peak_flops": spec_peaks,
         "read_bandwidth_bytes_per_sec": bandwidth,
         "sdpa_path": sdpa,
         "training_tokens_per_sec": training,
@@ -282,6 +293,7 @@ def bench(cfg: DictConfig) -> RunRecord:
         "step_breakdown": breakdown,
         "decode_tokens_per_sec": {k: summarize(v) for k, v in decode.items()},
         "decode_read_limit_b1": read_limit,
+        "decode_linears": linears,
         "kv_cache_bytes_per_token": {
             "configured": kv_cache_bytes_per_token(config.n_layer, config.n_kv_groups, config.head_dim),
             "mha": kv_cache_bytes_per_token(config.n_layer, config.n_head, config.head_dim)},
@@ -381,6 +393,8 @@ def ratios(r: dict) -> dict:
                 out[f"decode {bs}: ours bf16 / HF fp32"] = d[f"ours bf16 weights {bs}"] / d[key]
     for name, lim in r.get("decode_read_limit_b1", {}).items():
         out[f"decode b1 steps: {name} / read limit"] = lim["fraction_of_read_limit"]
+    for row in r.get("decode_linears", []):
+        out[f"decode linears b{row['rows']}: {row['name']} / {row['bound']} limit"] = row["fraction_of_roofline"]["median"]
     kv = r["kv_cache_bytes_per_token"]
     out["KV cache: configured / MHA"] = kv["configured"] / kv["mha"]
     q = r.get("decode_grid_mqa_over_mha")
@@ -390,11 +404,19 @@ def ratios(r: dict) -> dict:
     return out
 
 
+def kernels(by_kernel: dict | None) -> str:
+    """' (aten 213, onednn 486)': each kernel's own peak, where more than one was timed."""
+    if not by_kernel or len(by_kernel) < 2:
+        return ""
+    return " (" + ", ".join(f"{name} {flops / 1e9:.0f}" for name, flops in by_kernel.items()) + ")"
+
+
 def format_table(r: dict) -> str:
     mem = r.get("peak_memory", {})
     lines = [f"device: {r['device']}, torch {r['torch']}, shape: {r['shape']}",
-             "matmul peak (measured, median over the rounds): "
-             + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in r["matmul_peak_flops"].items())
+             "matmul peak (measured, median over the rounds, the best kernel's): "
+             + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" + kernels(r.get("matmul_peak_flops_by_kernel", {}).get(k))
+                         for k, v in r["matmul_peak_flops"].items())
              + f"; memory-read bandwidth (measured): {r['read_bandwidth_bytes_per_sec'] / 1e9:.1f} GB/s",
              "(MFU and % of the read limit: each round against the limit measured beside it; median, min-max)",
              "SDPA path in training: " + "; ".join(f"{k}: {v}" for k, v in r["sdpa_path"].items())]
@@ -429,6 +451,8 @@ def format_table(r: dict) -> str:
                      f"{lim['read_bandwidth_bytes_per_sec']['median'] / 1e9:.1f} GB/s "
                      f"({lim['read_bandwidth_bytes_per_sec']['min'] / 1e9:.1f}-"
                      f"{lim['read_bandwidth_bytes_per_sec']['max'] / 1e9:.1f}): {lim['read_limit_tokens_per_sec']:.0f}/s)")
+    if r.get("decode_linears"):
+        lines += ["", format_linears(r["decode_linears"])]
     kv = r["kv_cache_bytes_per_token"]
     lines += ["", f"KV-cache bytes per token (fp32): configured {kv['configured']:,}, MHA {kv['mha']:,}"]
     if r.get("decode_grid"):

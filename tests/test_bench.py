@@ -78,6 +78,17 @@ def test_bench_produces_every_column(tmp_path):
     assert r["step_breakdown"]["ours fp32"]["step_ms"] > 0 and "matmul" in r["step_breakdown"]["ours fp32"]["groups"]
     assert r["sdpa_path"]["ours fp32"] == "flash_attention (enable_gqa)"
     assert r["read_bandwidth_bytes_per_sec"] > 0
+    # decode's linears alone at every grid batch size, for each decode precision, against the limits beside them
+    linears = {(row["name"], row["rows"]): row for row in r["decode_linears"]}
+    assert set(linears) == {(n, b) for n in ("ours fp32", "ours bf16 weights") for b in (1, 2)}
+    for row in linears.values():
+        assert row["seconds_per_pass"]["n"] == 2 and row["bound"] in ("read", "matmul")
+        f = row["fraction_of_roofline"]
+        assert 0 < f["min"] <= f["median"] <= f["max"]
+        limit = max(row["weight_bytes"] / row["read_bandwidth_bytes_per_sec"], row["flops_per_pass"] / row["matmul_peak_flops"])
+        assert abs(limit / row["seconds_per_pass"]["median"] - f["median"]) < 0.5 * f["median"]  # rounds' limits move
+    assert "decode linears alone" in result.stdout and "decode linears b1: ours fp32 / " in result.stdout
+    assert set(r["matmul_peak_flops_by_kernel"]["fp32"]) >= {"aten"}
     lim = r["decode_read_limit_b1"]["ours fp32"]
     assert 0 < lim["fraction_of_read_limit_min"] <= lim["fraction_of_read_limit"] <= lim["fraction_of_read_limit_max"]
     assert lim["read_bandwidth_bytes_per_sec"]["n"] == 2  # one bracketing bandwidth per timed round

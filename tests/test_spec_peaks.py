@@ -111,3 +111,30 @@ def test_throughput_monitor_measures_a_peak_on_an_unlisted_gpu(monkeypatch):
         monitor.setup(fake_trainer("32-true", Precision()), None, TrainerFn.FITTING)
     assert monitor.available_flops == 123.0
     assert {t.available_flops for t in monitor._throughputs.values()} == {123.0}
+
+
+def test_a_cpus_measured_matmul_peak_is_its_best_kernels(monkeypatch):
+    """aten's fp32 matmul on a CPU is MKL's (AVX2 only on AMD CPUs); oneDNN's may run twice as fast on the same
+    machine. The peak is the best of them, so an MFU is never measured against a slow library."""
+    from gpt_lightning.measure import limits
+    from gpt_lightning.model.sampling import onednn_linear_available
+
+    cpu = torch.device("cpu")
+    peaks = limits.matmul_peaks(cpu, torch.float32, n=128, repeats=2)
+    assert set(peaks) == ({"aten", "onednn"} if onednn_linear_available() else {"aten"})
+    assert all(v > 0 for v in peaks.values())
+    monkeypatch.setattr(limits, "matmul_peaks", lambda *a, **k: {"aten": 2.0e11, "onednn": 4.8e11})
+    assert limits.matmul_peak(cpu, torch.float32) == 4.8e11
+
+
+def test_onednns_matmul_is_timed_in_full_fp32_precision():
+    """Its product must be an fp32 product (no implicit bf16), or the peak would not be one fp32 code can reach."""
+    from gpt_lightning.model.sampling import onednn_linear_available
+
+    if not onednn_linear_available():
+        pytest.skip("no oneDNN linear in this torch build")
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 256), torch.randn(256, 256)
+    got = torch.ops.mkldnn._linear_pointwise(a, torch.ops.mkldnn._reorder_linear_weight(b, 64), None, "none", [], "")
+    exact = a.double() @ b.double().t()
+    assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5  # bf16 inputs would give ~1e-3

@@ -153,6 +153,7 @@ class BenchSection:  # conf/bench.yaml
     memory_repeats: int = MISSING
     profile: bool = MISSING
     decode_grid: bool = MISSING
+    decode_linears: bool = MISSING
     kv_groups: Optional[List[int]] = MISSING
     grid_batch_sizes: List[int] = MISSING
     grid_contexts: List[int] = MISSING
