@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.model.attention import (GROUPED_MAX_T, choose_sdpa_path, decode_attention, matmul_attention, sdpa,
                                            takes_matmul_attention)
+from gpt_lightning.model.cpu_matmul import module_linear
 from gpt_lightning.model.kv_cache import KVCache
 from gpt_lightning.model.loss import lm_head_loss
 from gpt_lightning.model.recompute import TiedGradient, gelu_linear, layer_norm_linear, tied_embedding
@@ -133,7 +134,7 @@ class CausalSelfAttention(nn.Module):
             else:
                 y = sdpa(q, k, v, dropout_p, T > 1, self._expand_kv(q, k, v, T > 1))
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh * hd)
-        return dropout(self.resid_dropout, self.c_proj(y))
+        return dropout(self.resid_dropout, module_linear(y, self.c_proj))  # oneDNN in fp32 CPU training
 
     def decode_one(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
         """forward() for one new token per row, x (B, C) -> (B, C), against a cache holding >= 1 position: the same

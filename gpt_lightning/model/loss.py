@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from gpt_lightning.model import cpu_matmul
 from gpt_lightning.model.recompute import TiedGradient, compute_dtype
 
 # Rows per chunk of the fused LM head + loss: at most CHUNK_ELEMENTS // V_padded (667 at the gpt2 vocabulary),
@@ -76,18 +77,19 @@ class LMHeadLoss(torch.autograd.Function):
             if need_grad:  # allocated before the chunk buffers, which go when forward returns (less heap left in holes)
                 grad_h = torch.empty_like(h)  # (N, C)
                 grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device)  # (V_padded, C)
-            buffer = torch.empty(min(rows, N), V, dtype=dtype, device=hidden.device)  # reused by every chunk
+            onednn = cpu_matmul.takes_onednn(h, w)  # fp32 on a CPU: oneDNN's products, each into a new tensor
+            buffer = None if onednn else torch.empty(min(rows, N), V, dtype=dtype, device=hidden.device)  # reused
             # Under bf16 the fp32 softmax runs over a quarter of a chunk at a time: the matmuls keep their chunk
             # (256-row chunks cost 2-3% of a step on the dev CPU), the fp32 scratch is a quarter of its size.
-            sub = softmax_block_rows(buffer.size(0), dtype)
-            probs = buffer if dtype == torch.float32 else torch.empty(sub, V, device=hidden.device)
+            sub = softmax_block_rows(min(rows, N), dtype)
+            probs = None if dtype == torch.float32 else torch.empty(sub, V, device=hidden.device)  # fp32: in place
             for s in range(0, N, rows):
                 hs = h[s:s + rows]  # (n, C)
                 n = hs.size(0)
-                logits = torch.mm(hs, w.t(), out=buffer[:n])  # (n, V_padded) in dtype
+                logits = cpu_matmul.mm(hs, w.t()) if onednn else torch.mm(hs, w.t(), out=buffer[:n])  # (n, V_padded)
                 for b in range(0, n, sub):
                     lb, t = logits[b:b + sub], targets[s + b:s + min(b + sub, n), None]  # (k, V_padded), (k, 1)
-                    x = lb if probs is buffer else probs[:lb.size(0)].copy_(lb)  # (k, V_padded) fp32
+                    x = lb if probs is None else probs[:lb.size(0)].copy_(lb)  # (k, V_padded) fp32
                     x[:, vocab:] = float("-inf")  # padding columns: no probability mass, zero gradient
                     m = x.amax(dim=1, keepdim=True)  # (k, 1)
                     x_t = x.gather(1, t)  # (k, 1)
@@ -99,10 +101,14 @@ class LMHeadLoss(torch.autograd.Function):
                         if p is not lb:  # back over the bf16 logits, unscaled: a multiply by 1/N with a bf16 out=
                             lb.copy_(p)  # took 4x a plain copy (~3% of a bf16 step); the GEMMs below take the 1/N
                 if need_grad:
-                    torch.mm(logits, w, out=grad_h[s:s + n])  # (n, C): N x its share; backward divides by N
+                    if onednn:
+                        grad_h[s:s + n] = cpu_matmul.mm(logits, w)  # (n, C): N x its share; backward divides by N
+                    else:
+                        torch.mm(logits, w, out=grad_h[s:s + n])
                     # (V_padded, C), accumulated over chunks with the 1/N inside the GEMM (free): the summed loss's
                     # weight gradient grows with N and would overflow fp16 at large batches
                     grad_w.addmm_(logits.t(), hs, alpha=1.0 / N)
+                logits = lb = x = p = None  # this chunk's logits go before the next chunk's are made
             # Kept on ctx, not saved for backward: backward scales them in place and hands them over, so the
             # (V, C) weight gradient is never there twice. The price: one backward per forward (no retain_graph).
             ctx.grads = (grad_h, grad_w) if need_grad else None

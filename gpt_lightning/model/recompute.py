@@ -14,14 +14,16 @@
   in place: one (V, C) tensor.
 
 All three give aten's values and gradients (tests/test_recompute.py) and honour autocast the way F.linear does (the
-matmul in the autocast dtype, gradients in each input's own dtype). Under torch.compile `GPT` uses plain ops:
-the compiler decides what to keep on its own.
+matmul in the autocast dtype, gradients in each input's own dtype). Their fp32 products on a CPU run on oneDNN
+(`cpu_matmul`). Under torch.compile `GPT` uses plain ops: the compiler decides what to keep on its own.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from gpt_lightning.model import cpu_matmul
 
 
 def compute_dtype(x: torch.Tensor, fallback: torch.dtype) -> torch.dtype:
@@ -40,7 +42,7 @@ class GeluLinear(torch.autograd.Function):
     def forward(ctx, h, weight, bias, dtype):
         with torch.autocast(h.device.type, enabled=False):
             a = F.gelu(h.to(dtype), approximate="tanh")  # (..., H): freed when forward returns
-            out = F.linear(a, weight.to(dtype), None if bias is None else bias.to(dtype))  # (..., C)
+            out = cpu_matmul.linear(a, weight.to(dtype), None if bias is None else bias.to(dtype))  # (..., C)
         ctx.save_for_backward(h, weight)
         ctx.dtype, ctx.bias_dtype = dtype, None if bias is None else bias.dtype
         return out
@@ -54,11 +56,11 @@ class GeluLinear(torch.autograd.Function):
             w = weight.to(dtype)  # (C, H)
             g = grad.to(dtype).reshape(-1, grad.size(-1))  # (N, C)
             a = F.gelu(hd, approximate="tanh").reshape(-1, h.size(-1))  # (N, H), recomputed
-            grad_w = (g.t() @ a).to(weight.dtype) if ctx.needs_input_grad[1] else None  # (C, H)
+            grad_w = cpu_matmul.mm(g.t(), a).to(weight.dtype) if ctx.needs_input_grad[1] else None  # (C, H)
             grad_b = g.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
             grad_h = None
             if ctx.needs_input_grad[0]:
-                grad_a = (g @ w).view(h.shape)  # (..., H)
+                grad_a = cpu_matmul.mm(g, w).view(h.shape)  # (..., H)
                 grad_h = torch.ops.aten.gelu_backward(grad_a, hd, approximate="tanh").to(h.dtype)
         return grad_h, grad_w, grad_b, None
 
@@ -85,7 +87,7 @@ class LayerNormLinear(torch.autograd.Function):
     def forward(ctx, x, norm_weight, norm_bias, eps, shape, weight, bias, dtype):
         with torch.autocast(x.device.type, enabled=False):
             a = torch.native_layer_norm(x, shape, norm_weight, norm_bias, eps)[0]  # (..., C): freed on return
-            out = F.linear(a.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))  # (..., out)
+            out = cpu_matmul.linear(a.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))  # (..., out)
         ctx.save_for_backward(x, norm_weight, norm_bias, weight)
         ctx.eps, ctx.shape, ctx.dtype, ctx.bias_dtype = eps, shape, dtype, None if bias is None else bias.dtype
         return out
@@ -98,13 +100,14 @@ class LayerNormLinear(torch.autograd.Function):
             # The same call as forward on the same input: bit for bit the forward's a, mean and rstd.
             a, mean, rstd = torch.native_layer_norm(x, ctx.shape, norm_weight, norm_bias, ctx.eps)  # (..., C)
             g = grad.to(dtype).reshape(-1, grad.size(-1))  # (N, out)
-            grad_w = (g.t() @ a.to(dtype).reshape(-1, C)).to(weight.dtype) if ctx.needs_input_grad[5] else None
+            grad_w = (cpu_matmul.mm(g.t(), a.to(dtype).reshape(-1, C)).to(weight.dtype) if ctx.needs_input_grad[5]
+                      else None)
             grad_b = g.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[6] else None
             grad_x = grad_nw = grad_nb = None
             wants = [ctx.needs_input_grad[0], norm_weight is not None and ctx.needs_input_grad[1],
                      norm_bias is not None and ctx.needs_input_grad[2]]
             if any(wants):
-                grad_a = (g @ weight.to(dtype)).view(x.shape).to(x.dtype)  # (..., C)
+                grad_a = cpu_matmul.mm(g, weight.to(dtype)).view(x.shape).to(x.dtype)  # (..., C)
                 grad_x, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
                     grad_a, x, ctx.shape, mean, rstd, norm_weight, norm_bias, wants)
         return grad_x, grad_nw, grad_nb, None, None, grad_w, grad_b, None
