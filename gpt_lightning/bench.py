@@ -394,7 +394,7 @@ def ratios(r: dict) -> dict:
     for name, lim in r.get("decode_read_limit_b1", {}).items():
         out[f"decode b1 steps: {name} / read limit"] = lim["fraction_of_read_limit"]
     for row in r.get("decode_linears", []):
-        out[f"decode linears b{row['rows']}: {row['name']} / {row['bound']} limit"] = row["fraction_of_roofline"]["median"]
+        out[f"decode linears b{row['rows']}: {row['name']} / roofline"] = row["fraction_of_roofline"]["median"]
     kv = r["kv_cache_bytes_per_token"]
     out["KV cache: configured / MHA"] = kv["configured"] / kv["mha"]
     q = r.get("decode_grid_mqa_over_mha")

@@ -87,7 +87,7 @@ def test_bench_produces_every_column(tmp_path):
         assert 0 < f["min"] <= f["median"] <= f["max"]
         limit = max(row["weight_bytes"] / row["read_bandwidth_bytes_per_sec"], row["flops_per_pass"] / row["matmul_peak_flops"])
         assert abs(limit / row["seconds_per_pass"]["median"] - f["median"]) < 0.5 * f["median"]  # rounds' limits move
-    assert "decode linears alone" in result.stdout and "decode linears b1: ours fp32 / " in result.stdout
+    assert "decode linears alone" in result.stdout and "decode linears b1: ours fp32 / roofline" in result.stdout
     assert set(r["matmul_peak_flops_by_kernel"]["fp32"]) >= {"aten"}
     lim = r["decode_read_limit_b1"]["ours fp32"]
     assert 0 < lim["fraction_of_read_limit_min"] <= lim["fraction_of_read_limit"] <= lim["fraction_of_read_limit_max"]

@@ -80,3 +80,19 @@ def test_an_fp32_training_step_matches_one_on_atens_kernels(monkeypatch):
     assert abs(loss_a - loss_b) < 1e-5
     for name in a:
         assert close(a[name], b[name]), name
+
+
+@needs_onednn
+def test_a_strided_bias_is_read_as_its_values():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(6, 16), torch.randn(8, 16), torch.randn(16)[::2]  # a bias view with stride 2
+    assert close(linear(x, w, b), F.linear(x, w, b))
+
+
+@needs_onednn
+def test_a_double_backward_raises_instead_of_returning_zeros():
+    x = torch.randn(3, 8, requires_grad=True)
+    module = torch.nn.Linear(8, 4)
+    (gx,) = torch.autograd.grad(module_linear(x, module).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gx.sum(), module.weight)

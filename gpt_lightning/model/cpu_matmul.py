@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from gpt_lightning.model.sampling import onednn_linear_available
 
@@ -33,8 +34,9 @@ def takes_onednn(*tensors: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for (..., in) x and (out, in) weight -> (..., out); no autograd (called inside
     Functions' forward and backward)."""
-    if takes_onednn(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # flattens leading dims itself
+    if takes_onednn(x, weight):  # it flattens x's leading dims itself; it reads the bias as contiguous
+        bias = None if bias is None else bias.contiguous()
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
@@ -54,7 +56,8 @@ def module_linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
 
 
 class Linear(torch.autograd.Function):
-    """F.linear with oneDNN's kernels for all three products (fp32 CPU only; see `module_linear`)."""
+    """F.linear with oneDNN's kernels for all three products (fp32 CPU only; see `module_linear`). First-order only:
+    oneDNN's product has no derivative of its own, so a double backward raises instead of returning zeros."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -63,6 +66,7 @@ class Linear(torch.autograd.Function):
         return linear(x, weight, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.size(-1))  # (N, out)

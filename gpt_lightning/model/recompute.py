@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from gpt_lightning.model import cpu_matmul
 
@@ -48,6 +49,7 @@ class GeluLinear(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # oneDNN's products (cpu_matmul) have no derivative: raise, never return zeros
     def backward(ctx, grad):
         h, weight = ctx.saved_tensors
         dtype = ctx.dtype
@@ -93,6 +95,7 @@ class LayerNormLinear(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # oneDNN's products (cpu_matmul) have no derivative: raise, never return zeros
     def backward(ctx, grad):
         x, norm_weight, norm_bias, weight = ctx.saved_tensors
         dtype, C = ctx.dtype, x.size(-1)
