@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from gpt_lightning.model import cpu_matmul
 from gpt_lightning.model.cpu_matmul import Linear, linear, mm, module_linear, takes_onednn
-from gpt_lightning.model.sampling import onednn_linear_available
+from gpt_lightning.model.cpu_matmul import onednn_linear_available
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="no oneDNN linear in this torch build")
 

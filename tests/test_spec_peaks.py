@@ -117,7 +117,7 @@ def test_a_cpus_measured_matmul_peak_is_its_best_kernels(monkeypatch):
     """aten's fp32 matmul on a CPU is MKL's (AVX2 only on AMD CPUs); oneDNN's may run twice as fast on the same
     machine. The peak is the best of them, so an MFU is never measured against a slow library."""
     from gpt_lightning.measure import limits
-    from gpt_lightning.model.sampling import onednn_linear_available
+    from gpt_lightning.model.cpu_matmul import onednn_linear_available
 
     cpu = torch.device("cpu")
     peaks = limits.matmul_peaks(cpu, torch.float32, n=128, repeats=2)
@@ -129,7 +129,7 @@ def test_a_cpus_measured_matmul_peak_is_its_best_kernels(monkeypatch):
 
 def test_onednns_matmul_is_timed_in_full_fp32_precision():
     """Its product must be an fp32 product (no implicit bf16), or the peak would not be one fp32 code can reach."""
-    from gpt_lightning.model.sampling import onednn_linear_available
+    from gpt_lightning.model.cpu_matmul import onednn_linear_available
 
     if not onednn_linear_available():
         pytest.skip("no oneDNN linear in this torch build")

@@ -9,6 +9,7 @@ import time
 import torch
 
 from gpt_lightning.measure.timing import sync
+from gpt_lightning.model.cpu_matmul import onednn_linear_available
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -24,8 +25,6 @@ def matmul_peaks(device: torch.device, dtype: torch.dtype, n: int = 2048, repeat
     ~210 GFLOP/s where oneDNN's fp32 ran ~480, with the same fp32 rounding (relative error ~1e-6 against fp64).
     A peak measured with aten alone would understate the machine and inflate every fp32 MFU about twofold.
     """
-    from gpt_lightning.model.sampling import onednn_linear_available  # measure sits above model
-
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     kernels = {"aten": lambda: a @ b}
     if device.type == "cpu" and onednn_linear_available():

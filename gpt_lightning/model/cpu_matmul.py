@@ -9,6 +9,7 @@ fp64, as MKL's). Dev VM (AMD EPYC, AVX-512), 2 threads, GFLOP/s, aten -> oneDNN:
 - the LM head in 512-row chunks: logits 155 -> 275, hidden-state gradient 214 -> 382; its weight gradient, which
   accumulates into the (V, C) gradient across chunks, stays on aten's `addmm_` (168 against 177).
 
+`onednn_linear_available` says whether this torch build has oneDNN's linear (decode's weight layout asks it too).
 `linear` and `mm` take oneDNN for fp32 CPU tensors and aten for everything else (bf16 and CUDA keep aten's
 kernels). The autograd Functions of a training step call them: `Linear` here (attention's output projection),
 and `LayerNormLinear`, `GeluLinear` and `LMHeadLoss` (recompute.py, loss.py). Results match aten's to fp32
@@ -17,12 +18,22 @@ rounding (not bit for bit: another kernel sums in another order); tests/test_cpu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from gpt_lightning.model.sampling import onednn_linear_available
+
+@functools.cache
+def onednn_linear_available() -> bool:
+    """oneDNN's prepacked linear (what inductor uses on CPUs) works in this torch build."""
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 4), 1)
+        return torch.ops.mkldnn._linear_pointwise(torch.ones(1, 4), w, None, "none", [], "").shape == (1, 4)
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def takes_onednn(*tensors: torch.Tensor) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -10,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from gpt_lightning.common.errors import UserError
+from gpt_lightning.model.cpu_matmul import onednn_linear_available
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -41,16 +41,6 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@functools.cache
-def onednn_linear_available() -> bool:
-    """oneDNN's prepacked linear (what inductor uses on CPUs) works in this torch build."""
-    try:
-        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 4), 1)
-        return torch.ops.mkldnn._linear_pointwise(torch.ones(1, 4), w, None, "none", [], "").shape == (1, 4)
-    except (AttributeError, RuntimeError):
-        return False
 
 
 @contextmanager
