@@ -9,7 +9,7 @@ import time
 import torch
 
 from gpt_lightning.measure.timing import sync
-from gpt_lightning.model.cpu_matmul import onednn_linear_available
+from gpt_lightning.model.cpu_matmul import onednn_linear, onednn_linear_available
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -29,7 +29,7 @@ def matmul_peaks(device: torch.device, dtype: torch.dtype, n: int = 2048, repeat
     kernels = {"aten": lambda: a @ b}
     if device.type == "cpu" and onednn_linear_available():
         packed = torch.ops.mkldnn._reorder_linear_weight(b, n)  # a @ b.T, the same FLOPs
-        kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+        kernels["onednn"] = lambda: onednn_linear(a, packed)
     peaks = {}
     for name, product in kernels.items():
         try:

@@ -26,12 +26,18 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """oneDNN's linear, x (..., in) against a (out, in) weight, plain or prepacked (`_reorder_linear_weight`), with no
+    fused activation: the one call every oneDNN product here goes through. It flattens x's leading dims itself."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 @functools.cache
 def onednn_linear_available() -> bool:
     """oneDNN's prepacked linear (what inductor uses on CPUs) works in this torch build."""
     try:
-        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 4), 1)
-        return torch.ops.mkldnn._linear_pointwise(torch.ones(1, 4), w, None, "none", [], "").shape == (1, 4)
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 4), 1)
+        return onednn_linear(torch.ones(1, 4), packed).shape == (1, 4)
     except (AttributeError, RuntimeError):
         return False
 
@@ -45,16 +51,15 @@ def takes_onednn(*tensors: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for (..., in) x and (out, in) weight -> (..., out); no autograd (called inside
     Functions' forward and backward)."""
-    if takes_onednn(x, weight):  # it flattens x's leading dims itself; it reads the bias as contiguous
-        bias = None if bias is None else bias.contiguous()
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if takes_onednn(x, weight):  # oneDNN reads the bias as contiguous
+        return onednn_linear(x, weight, None if bias is None else bias.contiguous())
     return F.linear(x, weight, bias)
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for (n, k) a and (k, m) b -> (n, m), transposed views welcome; no autograd."""
     if takes_onednn(a, b):
-        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")  # a @ (b.t()).t()
+        return onednn_linear(a, b.t())  # a @ (b.t()).t()
     return a @ b
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from gpt_lightning.common.errors import UserError
-from gpt_lightning.model.cpu_matmul import onednn_linear_available
+from gpt_lightning.model.cpu_matmul import onednn_linear, onednn_linear_available
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -69,8 +69,7 @@ def cpu_matvec_layout(model: nn.Module, rows: int = 1, layout: str = "onednn"):
         bias = None if module.bias is None else module.bias.detach()
 
         def forward(x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out); the op flattens leading dims itself
-            return torch.ops.mkldnn._linear_pointwise(x if x.is_contiguous() else x.contiguous(), packed, bias,
-                                                      "none", [], "")
+            return onednn_linear(x if x.is_contiguous() else x.contiguous(), packed, bias)
         return forward
 
     def transposed_forward(module: nn.Linear, weight_t: torch.Tensor, max_rows: int = 8):
