@@ -62,8 +62,7 @@ def prefilled_cache(model: GPT, batch: int, context: int, new_tokens: int, gener
         prompt = torch.randint(0, c.vocab_size, (1, context), generator=generator).to(device)
     one = KVCache(c.n_layer, 1, c.n_kv_groups, context, c.head_dim, device=device, dtype=model.lm_head.weight.dtype)
     with cpu_matvec_layout(model, rows=1):
-        h = model.hidden_states(prompt, one)  # (1, context, C)
-        first = model.lm_head(h[:, -1])[:, : c.vocab_size].argmax(-1)  # (1,)
+        first = model.last_logits(prompt, one).argmax(-1)  # (1,)
     cache = KVCache(c.n_layer, batch, c.n_kv_groups, context + new_tokens, c.head_dim, device=device,
                     dtype=model.lm_head.weight.dtype)
     for dst, src in zip(cache.k + cache.v, one.k + one.v):

@@ -124,15 +124,11 @@ def stream_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: fl
 
 def _decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, generator) -> Iterator[torch.Tensor]:
     B, T = idx.shape
-    bs, vocab = model.config.block_size, model.config.vocab_size
+    bs = model.config.block_size
     seq = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)  # allocated once
     seq[:, :T] = idx
     cache = model.new_cache(B)
-
-    def prefill(ids: torch.Tensor) -> torch.Tensor:  # (B, t) ids into the empty cache -> (B, vocab) last logits
-        return model.lm_head(model.hidden_states(ids, cache)[:, -1])[:, :vocab]  # LM head on the last position only
-
-    logits = prefill(idx[:, -bs:])
+    logits = model.last_logits(idx[:, -bs:], cache)  # prefill: (B, vocab), the LM head on the last position only
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         seq[:, T + i] = nxt
@@ -141,7 +137,7 @@ def _decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, generat
             break
         if cache.length == bs:  # full: restart from the last block_size tokens at positions 0..bs-1
             cache.reset()
-            logits = prefill(seq[:, T + i + 1 - bs: T + i + 1])
+            logits = model.last_logits(seq[:, T + i + 1 - bs: T + i + 1], cache)
         else:
             logits = model.next_logits(nxt, cache)  # (B, vocab)
 
