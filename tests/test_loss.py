@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt_lightning.model import GPT, GPTConfig
-from gpt_lightning.model.loss import lm_head_loss
+from gpt_lightning.model import cpu_matmul
+from gpt_lightning.model.loss import add_weight_gradient_in_blocks, lm_head_loss, weight_gradient_blocks
 
 N, C, V, VOCAB = 96, 24, 320, 300  # 20 padding rows in the weight
 
@@ -129,3 +130,29 @@ def test_gpt_loss_gradients_equal_the_unfused_head_with_tied_weights():
     F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(fused[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_the_fp32_cpu_weight_gradient_is_built_in_vocabulary_blocks_without_a_second_vocabulary_sized_tensor():
+    assert weight_gradient_blocks(50304) == 6336 and weight_gradient_blocks(320) == 64
+    torch.manual_seed(0)
+    vocab, width, rows = 1000, 24, 40  # blocks of 128 rows: the last one has 104
+    g, h = torch.randn(rows, vocab), torch.randn(rows, width)
+    grad_w = torch.randn(vocab, width)
+    expected = grad_w + 0.25 * g.t() @ h
+    with LargestTensor() as mode:
+        add_weight_gradient_in_blocks(grad_w, g, h, 0.25)
+    torch.testing.assert_close(grad_w, expected, atol=1e-5, rtol=1e-5)
+    assert mode.largest == weight_gradient_blocks(vocab) * rows  # one block's transposed copy, never (V, C) again
+
+
+@pytest.mark.skipif(not cpu_matmul.onednn_linear_available(), reason="this torch build has no oneDNN linear")
+def test_the_fused_loss_takes_the_blocked_weight_gradient_in_fp32_on_a_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr("gpt_lightning.model.loss.add_weight_gradient_in_blocks",
+                        lambda *args: calls.append(args[0].shape) or add_weight_gradient_in_blocks(*args))
+    h, w, t = inputs()
+    lm_head_loss(h, w, t, VOCAB, chunk_rows=32).backward()
+    assert calls == [w.shape] * 3  # once per chunk
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lm_head_loss(h, w, t, VOCAB, chunk_rows=32).backward()
+    assert len(calls) == 3  # bf16 keeps aten's addmm_

@@ -6,8 +6,9 @@ fp64, as MKL's). Dev VM (AMD EPYC, AVX-512), 2 threads, GFLOP/s, aten -> oneDNN:
 - a 2048^3 product: 221 -> 489;
 - the bench shape's block linears at 2048 rows: forward 183-219 -> 417-486, input gradient 208-223 -> 461-515,
   weight gradient 207-221 -> 340-347;
-- the LM head in 512-row chunks: logits 155 -> 275, hidden-state gradient 214 -> 382; its weight gradient, which
-  accumulates into the (V, C) gradient across chunks, stays on aten's `addmm_` (168 against 177).
+- the LM head in 512-row chunks: logits 155 -> 275, hidden-state gradient 214 -> 382 (with fresh pages; ~450 and
+  ~390 with the heap kept, as in training); its weight gradient, which accumulates into the (V, C) gradient across
+  chunks, 204 -> ~330 in vocabulary blocks (loss.add_weight_gradient_in_blocks).
 
 `onednn_linear_available` says whether this torch build has oneDNN's linear (decode's weight layout asks it too).
 `linear` and `mm` take oneDNN for fp32 CPU tensors and aten for everything else (bf16 and CUDA keep aten's
