@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.model import cpu_matmul
-from gpt_lightning.model.loss import add_weight_gradient_in_blocks, lm_head_loss, weight_gradient_blocks
+from gpt_lightning.model.loss import add_weight_gradient_in_blocks, lm_head_loss, weight_gradient_block_rows
 
 N, C, V, VOCAB = 96, 24, 320, 300  # 20 padding rows in the weight
 
@@ -133,7 +133,7 @@ def test_gpt_loss_gradients_equal_the_unfused_head_with_tied_weights():
 
 
 def test_the_fp32_cpu_weight_gradient_is_built_in_vocabulary_blocks_without_a_second_vocabulary_sized_tensor():
-    assert weight_gradient_blocks(50304) == 6336 and weight_gradient_blocks(320) == 64
+    assert weight_gradient_block_rows(50304) == 6336 and weight_gradient_block_rows(320) == 64
     torch.manual_seed(0)
     vocab, width, rows = 1000, 24, 40  # blocks of 128 rows: the last one has 104
     g, h = torch.randn(rows, vocab), torch.randn(rows, width)
@@ -142,7 +142,7 @@ def test_the_fp32_cpu_weight_gradient_is_built_in_vocabulary_blocks_without_a_se
     with LargestTensor() as mode:
         add_weight_gradient_in_blocks(grad_w, g, h, 0.25)
     torch.testing.assert_close(grad_w, expected, atol=1e-5, rtol=1e-5)
-    assert mode.largest == weight_gradient_blocks(vocab) * rows  # one block's transposed copy, never (V, C) again
+    assert mode.largest == weight_gradient_block_rows(vocab) * rows  # one block's transposed copy, never (V, C) again
 
 
 @pytest.mark.skipif(not cpu_matmul.onednn_linear_available(), reason="this torch build has no oneDNN linear")
@@ -156,3 +156,20 @@ def test_the_fused_loss_takes_the_blocked_weight_gradient_in_fp32_on_a_cpu(monke
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lm_head_loss(h, w, t, VOCAB, chunk_rows=32).backward()
     assert len(calls) == 3  # bf16 keeps aten's addmm_
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 7])
+def test_the_loss_is_exact_where_the_vocabulary_splits_into_uneven_weight_gradient_blocks(chunk_rows):
+    torch.manual_seed(0)
+    vocab, padded = 990, 1000  # blocks of 128 rows, the last one 104; 10 padding rows
+    h = torch.randn(N, C, requires_grad=True)
+    w = torch.randn(padded, C).requires_grad_()
+    t = torch.randint(0, vocab, (N,))
+    loss = lm_head_loss(h, w, t, vocab, chunk_rows)
+    g_h, g_w = torch.autograd.grad(loss, (h, w))
+    ref = F.cross_entropy(F.linear(h, w)[:, :vocab], t)
+    r_h, r_w = torch.autograd.grad(ref, (h, w))
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_h, r_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_w, r_w, atol=1e-5, rtol=1e-5)
+    assert torch.all(g_w[vocab:] == 0)

@@ -14,15 +14,17 @@ from gpt_lightning.model.recompute import TiedGradient, compute_dtype
 # Rows per chunk of the fused LM head + loss: at most CHUNK_ELEMENTS // V_padded (667 at the gpt2 vocabulary),
 # split evenly (2048 rows: 4 x 512), so one chunk's fp32 logits are ~100 MB where the whole (N, V) would be
 # 400 MB. Fewer, bigger chunks pass over the (V, C) weight gradient fewer times; on the dev CPU at 2048 rows,
-# C = 384, four chunks cost no time against one (README, "A lean LM head + loss").
+# C = 384, four chunks cost no time against one (README, "A lean LM head + loss"; measured with aten's addmm_ for
+# the weight gradient, before fp32 on a CPU took oneDNN's products).
 CHUNK_ELEMENTS = 1 << 25
 # Under bf16 the fp32 softmax of a chunk runs in this many row blocks (see LMHeadLoss.forward).
 SOFTMAX_BLOCKS = 4
-# fp32 on a CPU: the weight gradient is built in this many vocabulary blocks per chunk (see weight_gradient_blocks).
+# fp32 on a CPU: the weight gradient is built in at most this many vocabulary blocks per chunk (fewer below 512
+# vocabulary rows; see weight_gradient_block_rows).
 WEIGHT_GRADIENT_BLOCKS = 8
 
 
-def weight_gradient_blocks(padded_vocab: int) -> int:
+def weight_gradient_block_rows(padded_vocab: int) -> int:
     """Vocabulary rows per block of the oneDNN weight gradient: padded_vocab / WEIGHT_GRADIENT_BLOCKS, rounded up
     to a multiple of 64 (6336 at the gpt2 vocabulary)."""
     return -(-padded_vocab // WEIGHT_GRADIENT_BLOCKS // 64) * 64
@@ -66,7 +68,8 @@ class LMHeadLoss(torch.autograd.Function):
     into an fp32 buffer); then in place in fp32: the row max, the softmax, the loss lse - logit[target] with
     lse = max + log(sum) = max - log(max p) (max p >= 1/V never underflows, where log(p[target]) could); and,
     when a backward will follow, the gradient of the summed loss (softmax - onehot) written back over the logits,
-    then folded at once into grad_hidden (rows, C) and grad_weight (V, C, with the mean's 1/N applied by the GEMM).
+    then folded at once into grad_hidden (rows, C) and grad_weight (V, C, with the mean's 1/N applied by the GEMM,
+    or by the blocked add of `add_weight_gradient_in_blocks` for fp32 on a CPU).
     Only those two (the size of the inputs) are kept for backward, which just scales them. So no (N, V) buffer is
     ever alive, and, unlike recomputing the logits in
     backward ("cut cross-entropy"), the LM head's three matmuls run once each, as unfused.
@@ -142,7 +145,7 @@ def add_weight_gradient_in_blocks(grad_w: torch.Tensor, grad_logits: torch.Tenso
                                   scale: float) -> None:
     """grad_w (V, C) += scale * grad_logits.T @ hidden, for (n, V) grad_logits and (n, C) hidden, on oneDNN (fp32, CPU).
 
-    In blocks of `weight_gradient_blocks(V)` vocabulary rows: each block's (n, Vb) gradient is copied transposed,
+    In blocks of `weight_gradient_block_rows(V)` vocabulary rows: each block's (n, Vb) gradient is copied transposed,
     contiguous, and multiplied into a (Vb, C) product that is added to grad_w. On the dev CPU at 512 rows (the bench
     shape), the 4 chunks of a step take ~236 ms this way, against ~390 ms by aten's addmm_ (MKL's AVX2 path,
     ~204 GFLOP/s). Whole-vocabulary oneDNN products were as fast or faster (h.T @ g as (C, V): ~190 ms; g.T @ h
@@ -151,7 +154,7 @@ def add_weight_gradient_in_blocks(grad_w: torch.Tensor, grad_logits: torch.Tenso
     A block's copy and product are 13 + 10 MB.
     """
     V = grad_w.size(0)
-    rows = weight_gradient_blocks(V)
+    rows = weight_gradient_block_rows(V)
     for a in range(0, V, rows):
         block = grad_logits[:, a:a + rows].t().contiguous()  # (Vb, n)
         grad_w[a:a + rows].add_(cpu_matmul.mm(block, hidden), alpha=scale)  # (Vb, C)
