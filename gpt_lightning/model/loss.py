@@ -114,11 +114,9 @@ class LMHeadLoss(torch.autograd.Function):
                 if need_grad:
                     if onednn:
                         grad_h[s:s + n] = cpu_matmul.mm(logits, w)  # (n, C): N x its share; backward divides by N
-                    else:
-                        torch.mm(logits, w, out=grad_h[s:s + n])
-                    if onednn:
                         add_weight_gradient_in_blocks(grad_w, logits, hs, 1.0 / N)
                     else:
+                        torch.mm(logits, w, out=grad_h[s:s + n])
                         # (V_padded, C), accumulated over chunks with the 1/N inside the GEMM (free): the summed
                         # loss's weight gradient grows with N and would overflow fp16 at large batches
                         grad_w.addmm_(logits.t(), hs, alpha=1.0 / N)

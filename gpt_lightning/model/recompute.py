@@ -89,7 +89,8 @@ class LayerNormLinear(torch.autograd.Function):
     def forward(ctx, x, norm_weight, norm_bias, eps, shape, weight, bias, dtype):
         with torch.autocast(x.device.type, enabled=False):
             a = torch.native_layer_norm(x, shape, norm_weight, norm_bias, eps)[0]  # (..., C): freed on return
-            out = cpu_matmul.linear(a.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))  # (..., out)
+            out = cpu_matmul.linear(a.to(dtype), weight.to(dtype),
+                                    None if bias is None else bias.to(dtype))  # (..., out)
         ctx.save_for_backward(x, norm_weight, norm_bias, weight)
         ctx.eps, ctx.shape, ctx.dtype, ctx.bias_dtype = eps, shape, dtype, None if bias is None else bias.dtype
         return out
