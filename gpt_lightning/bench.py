@@ -212,6 +212,8 @@ def bench(cfg: DictConfig) -> RunRecord:
                 breakdown[c.name] = step_breakdown(c, steps=2)
     memory = {}
     if b.peak_memory and b.train:
+        if device.type == "cuda":  # the fresh processes share the card: return what our caching allocator holds
+            torch.cuda.empty_cache()
         runs: dict[str, list[dict]] = {name: [] for name in memory_specs}
         for r in range(b.memory_repeats):  # interleaved, like the timed rounds: drift hits every contender alike
             for name, s in memory_specs.items():

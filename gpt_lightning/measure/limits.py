@@ -12,19 +12,29 @@ from gpt_lightning.measure.timing import sync
 from gpt_lightning.model.cpu_matmul import onednn_linear, onednn_linear_available
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+# A GPU does a 2048^3 product in ~20 us, as long as the launch and the host clock around it: there the peak
+# is timed on an 8192^3 product (1.1 TFLOP, ~1.4 ms on an H100 in bf16), and each read-bandwidth figure on several
+# reductions between two synchronisations (one 256 MB sum is ~80 us at 3 TB/s).
+CUDA_MATMUL_N = 8192
+CUDA_READS_PER_TIMING = 10
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 5) -> float:
     """Measured dense matmul FLOP/s for an n x n x n product: the best of the kernels `matmul_peaks` times."""
     return max(matmul_peaks(device, dtype, n, repeats).values())
 
 
-def matmul_peaks(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> dict[str, float]:
+def matmul_peaks(device: torch.device, dtype: torch.dtype, n: int | None = None,
+                 repeats: int = 5) -> dict[str, float]:
     """FLOP/s (best of `repeats`) of an n x n x n product by each kernel torch has for it here: aten's `a @ b`,
     and on a CPU also oneDNN's linear on a prepacked weight (what decode and inductor use), in full precision.
+    n defaults to 2048 on a CPU and `CUDA_MATMUL_N` on a GPU.
 
     On a CPU, aten's fp32 matmul is MKL's, and MKL takes its AVX2 path on AMD CPUs: on the dev VM (AVX-512) it ran
     ~210 GFLOP/s where oneDNN's fp32 ran ~480, with the same fp32 rounding (relative error ~1e-6 against fp64).
     A peak measured with aten alone would understate the machine and inflate every fp32 MFU about twofold.
     """
+    n = n or (CUDA_MATMUL_N if device.type == "cuda" else 2048)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     kernels = {"aten": lambda: a @ b}
     if device.type == "cpu" and onednn_linear_available():
@@ -55,13 +65,15 @@ def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5
     """
     x = torch.ones(nbytes // 4, device=device)
     x.sum()
+    reads = CUDA_READS_PER_TIMING if device.type == "cuda" else 1  # a GPU's sum is too short to time alone
     best = 0.0
     for _ in range(repeats):
         sync(device)
         start = time.perf_counter()
-        x.sum()
+        for _ in range(reads):
+            x.sum()
         sync(device)
-        best = max(best, nbytes / (time.perf_counter() - start))
+        best = max(best, reads * nbytes / (time.perf_counter() - start))
     return best
 
 

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The GPU check (issue 14): proves on one CUDA GPU, in under 6 minutes, that bf16-mixed training, torch.compile,
-# the GQA attention kernels and KV-cached decode work and how fast they are; prints and writes a summary.
+# The GPU check (issue 14, with issue 11's inference additions): proves on one CUDA GPU, in about 7 minutes, that
+# bf16-mixed training, torch.compile, the GQA attention kernels, the fused LM-head loss and KV-cached decode work
+# and how fast they are (the bench: training MFU, peak memory against HF, the decode grid over batch x context x
+# kv_groups); prints and writes a summary.
 #
 #   bash tests/gpu/check.sh                                  # on the GPU machine, from anywhere in the repo
 #   CUDA_VISIBLE_DEVICES= OUT=/tmp/gpu_rehearsal bash tests/gpu/check.sh   # CPU rehearsal: tiny shapes, GPU parts skipped
 #
-# Writes to $OUT (default gpu_check/): summary.txt, summary.json, check.log (the step log) and logs.tgz (every
-# step's output, the run records, TensorBoard events, pytest's junit XML). Checkpoints and caches go to $WORK
+# Writes to $OUT (default gpu_check/): summary.txt, summary.json, check.log (the step log), logs.tgz (every
+# step's output, the run records, TensorBoard events, pytest's junit XML), and the bench's bench.txt (its table),
+# bench.json and two decode-grid plots: 8 files, the most the device tool brings back. Checkpoints and caches go to $WORK
 # (default a fresh /tmp folder), never to $OUT. Each step runs under `timeout`, capped by what is left of
-# GPU_BUDGET_S (default 340 s); a step that fails or times out is recorded and the next one still runs.
+# GPU_BUDGET_S (default 420 s); a step that fails or times out is recorded and the next one still runs.
 # ONLY="probe speed_compiled" runs just those steps (a rerun of what failed; install and env always run).
 #
 # The GPU machine has no network and lacks hydra-core, omegaconf and antlr4-python3-runtime. They travel as wheels
@@ -58,7 +61,7 @@ step() {
   return 0
 }
 
-BUDGET_S=${GPU_BUDGET_S:-340}
+BUDGET_S=${GPU_BUDGET_S:-420}
 # --- 1. packages: the wheels that travel in .whl/, into a private folder first on the path -------------------------
 if ls .whl/*.whl > /dev/null 2>&1; then
   step install 60 0 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -91,8 +94,10 @@ if (( GPU )); then
   # at batch 32 would not fit beside fp32 activations in 80 GB.
   PROBE=(--batch 16 --kv 12,4,1 --steps 5 --warmup 2 --decode-batches 1,64 --decode-new 64)
   PROBE_ENCODING=$ENCODING
+  # the bench at batch 16: HF's fp32 step keeps full (B*T, V) logits and their gradients (~30 GB at 16 x 1024)
+  BENCH_B=16
   BENCH=(attention=gqa attention.kv_groups=4 bench.steps=3 bench.warmup_steps=1 bench.repeats=2
-         "bench.decode_batch_sizes=[1,64]")
+         "bench.decode_batch_sizes=[1,64]" "bench.kv_groups=[12,4,1]" bench.memory_budget_gb=64)
 else  # CPU rehearsal: tiny shapes through the very same commands
   SCALE=${CPU_SCALE:-3} BUDGET_S=$(( BUDGET_S * ${CPU_SCALE:-3} ))
   B=4
@@ -104,27 +109,38 @@ else  # CPU rehearsal: tiny shapes through the very same commands
   REAL_STEPS=30 RESUME_STEPS=10 SPEED_STEPS=20 WINDOW=5
   PROBE=(--kv 4,2,1 --dtypes fp32 --steps 2 --warmup 1 --decode-batches 1,4 --decode-new 16 --decode-repeats 2)
   PROBE_ENCODING=bytes  # a 257-token vocabulary: the probe's logic, not the LM head, is what a CPU can check
+  BENCH_B=4
   BENCH=(attention=gqa attention.kv_groups=2 bench.steps=2 bench.warmup_steps=1 bench.repeats=1
-         "bench.decode_batch_sizes=[1]")
+         "bench.decode_batch_sizes=[1]" "bench.kv_groups=[4,2,1]" "bench.grid_batch_sizes=[1,4]"
+         "bench.grid_contexts=[16,48]" bench.grid_new_tokens=8 bench.memory_budget_gb=0.01)
 fi
 COMMON=("${SHAPE[@]}" "${TRAINER[@]}" data.root="$WORK/data" data.encoding=$ENCODING callbacks.progress_bar.refresh_rate=50)
 say "cuda=$GPU memory=${MEM_GIB}GiB batch=$B encoding=$ENCODING work=$WORK"
 
 # --- 3. pytest -m gpu ------------------------------------------------------------------------------------------------
-step pytest_gpu 150 30 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py --junitxml="$WORK/pytest_gpu.xml"
+step pytest_gpu 150 30 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_gpu_inference.py \
+  --junitxml="$WORK/pytest_gpu.xml"
 
 # --- 4. attention kernels, step time per variant, decode grid ---------------------------------------------------------
 step probe 120 40 "$PY" tests/gpu/probe.py "$WORK/probe.json" "${SHAPE[@]}" data.batch_size=$B \
   data.encoding=$PROBE_ENCODING "${PROBE[@]}"
 
-# --- 5. 300 steps on the real corpus, then a resume from last.ckpt -----------------------------------------------------
+# --- 5. the bench entry point (issue 11): training MFU and SDPA path per precision, peak memory of every contender
+#        against HF GPT-2 (fresh processes), decode at batch 1 against the read limit, the decode grid --------------
+step bench 180 60 "$PY" -m gpt_lightning.bench "${SHAPE[@]}" "${BENCH[@]}" data.batch_size=$BENCH_B \
+  data.encoding=$ENCODING bench.hf=true bench.naive=false bench.memory_repeats=1 bench.decode_grid=true \
+  bench.json="$WORK/bench.json"
+cp "$WORK/logs/bench.log" "$OUT/bench.txt" 2>/dev/null
+cp "$WORK/bench.json" "$WORK"/*.png "$OUT/" 2>/dev/null
+
+# --- 6. 300 steps on the real corpus, then a resume from last.ckpt -----------------------------------------------------
 TRAIN=("$PY" -m gpt_lightning.train "${COMMON[@]}")
 step train_real 150 40 "${TRAIN[@]}" "${REAL[@]}" trainer.max_steps=$REAL_STEPS hydra.run.dir="$WORK/runs/real"
 cp "$WORK/runs/real/summary.json" "$WORK/real_first.json" 2>/dev/null
 step resume 90 25 "${TRAIN[@]}" "${REAL[@]}" trainer.max_steps=$(( REAL_STEPS + RESUME_STEPS )) ckpt_path=last \
   hydra.run.dir="$WORK/runs/real"
 
-# --- 6. training speed through Lightning, eager and compiled, at batch B x block_size ----------------------------------
+# --- 7. training speed through Lightning, eager and compiled, at batch B x block_size ----------------------------------
 SPEED=(data.batch_size=$B trainer.max_steps=$SPEED_STEPS trainer.limit_val_batches=0 trainer.limit_test_batches=0
        callbacks.throughput.window_size=$WINDOW "~callbacks.model_checkpoint" "~callbacks.generation")
 step speed_eager 60 20 "${TRAIN[@]}" "${SPEED[@]}" hydra.run.dir="$WORK/runs/eager"
@@ -133,10 +149,6 @@ if (( GPU )); then
 else
   printf 'speed_compiled\tno-gpu\t0\t0\n' >> "$WORK/steps.tsv"; say "speed_compiled: SKIPPED (no CUDA: GPU-only)"
 fi
-
-# --- 7. the bench entry point on this device (last: only if the budget allows) ------------------------------------------
-step bench 60 30 "$PY" -m gpt_lightning.bench "${SHAPE[@]}" "${BENCH[@]}" data.batch_size=$B data.encoding=$ENCODING \
-  bench.hf=false bench.naive=false bench.json="$WORK/bench.json"
 
 # --- 8. summary (always), logs packed into one file ($OUT brings back at most 8 files) --------------------------------
 printf 'total\t0\t%s\t%s\n' "$(( $(date +%s) - START ))" "$BUDGET_S" >> "$WORK/steps.tsv"

@@ -21,6 +21,7 @@ from gpt_lightning.measure.sdpa_backends import slower_than, slowest  # noqa: E4
 from gpt_lightning.training.run_record import RunRecord  # noqa: E402
 
 MFU_GOAL = 0.40          # compiled bf16 at GPT-2 124M, batch x 1024 tokens (issue 14)
+MEMORY_GOAL = 0.3        # training step memory against HF GPT-2's (issue 11)
 STEP_TIME_SLACK = 1.10   # GQA/MQA do less work than MHA (smaller KV projection); >10% slower means a slower path
 
 
@@ -301,10 +302,33 @@ def check_bench(S: Summary, work: Path, s: dict) -> None:
         problem = step_problem(s, "bench")
         S.add("bench entry point", missing(s, "bench"), problem or "no record")
         return
-    train = rec.details.get("training_tokens_per_sec", {})
+    d = rec.details
+    train = d.get("training_tokens_per_sec", {})
     S.add("bench entry point", "PASS", ", ".join(
         f"{k}: {fmt_rate(v['median'])} tokens/s (MFU spec {pct(v.get('mfu_spec_peak'))})" for k, v in train.items()),
-        f"{rec.device}")
+        f"{rec.device}, batch {d['shape']['batch_size']} x {d['shape']['block_size']}")
+    for name, path in d.get("sdpa_path", {}).items():
+        S.add(f"bench sdpa path {name}", "INFO", path, "what the training step's attention ran")
+    mem, ratios = d.get("peak_memory", {}), d.get("ratios", {})
+    hf = next((v for k, v in mem.items() if k.startswith("HF")), None)
+    for name in ("ours fp32", "ours bf16-mixed"):
+        ratio = ratios.get(f"peak memory: {name} / HF fp32 (step, above baseline)")
+        if ratio is not None and name in mem and hf:
+            S.add(f"bench peak memory {name} / HF", "GOAL-MET" if ratio <= MEMORY_GOAL else "GOAL-MISSED",
+                  f"{ratio:.2f}x ({mem[name]['step_bytes'] / 2**30:.2f} vs {hf['step_bytes'] / 2**30:.2f} GiB)",
+                  f"{mem[name]['kind']}, 3 training steps in a fresh process; goal <= {MEMORY_GOAL}x")
+    for name, lim in d.get("decode_read_limit_b1", {}).items():
+        S.add(f"bench decode b1 {name}", "INFO",
+              f"{fmt_rate(lim['tokens_per_sec']['median'])} tokens/s = {pct(lim['fraction_of_read_limit'])} of the "
+              f"read limit", f"{lim['bytes_read_per_step'] / 1e6:.0f} MB per step at "
+              f"{lim['read_bandwidth_bytes_per_sec']['median'] / 1e9:.0f} GB/s: "
+              f"{fmt_rate(lim['read_limit_tokens_per_sec'])}/s")
+    q = d.get("decode_grid_mqa_over_mha")
+    if q:
+        S.add(f"bench decode grid MQA / MHA b{q['batch']} ctx{q['context']}", "INFO",
+              f"{q['achieved']:.2f}x achieved", f"bytes-read bound {q['bound']:.2f}x (weights + KV cache per step)")
+    elif d.get("decode_grid") is not None:
+        S.add("bench decode grid", "FAIL", "no MQA and MHA rows at one (batch, context)")
 
 
 def main() -> None:
@@ -326,7 +350,7 @@ def main() -> None:
         except Exception as e:  # a broken reader must not hide the other verdicts
             S.add(fn.__name__, "FAIL", f"summary could not read it: {type(e).__name__}: {e}"[:200])
     total = s.get("total", {}).get("secs")
-    limit = 360
+    limit = 440  # the steps' 420 s budget and the summary
     if total is not None:
         S.add("total time", "PASS" if total <= limit or not a.gpu else "FAIL", f"{total}s",
               f"steps' budget {s['total']['limit']}s; under {limit}s on a GPU")
