@@ -126,8 +126,11 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     whose first `length` positions are filled (the new tokens' included). K/V are never expanded to n_head heads.
 
     - One new token, MHA: SDPA (on the CPU not in reduced precision). On the CPU in fp32 it beat the grouped
-      matmuls at every batch x context of the decode grid (B32, L992: 1.31-1.43 ms vs 1.62-1.69). On a GPU this is
-      unmeasured (no GPU was available): SDPA's fused kernels are the natural choice there.
+      matmuls at every batch x context of the decode grid (B32, L992: 1.31-1.43 ms vs 1.62-1.69). On an H100
+      (README "Measured on an H100") eager decode was bound by the host's kernel launches, and there MHA's one SDPA
+      call decoded faster than GQA/MQA's grouped form (~6 launches) in 10 of the grid's 12 cells (MQA / MHA
+      0.59-1.01x). SDPA with `enable_gqa` for one token on CUDA (flash/cuDNN take GQA inputs in bf16) and a CUDA
+      graph of the whole step are the candidates there; neither is measured yet.
     - One new token at batch 1 on the CPU (fp32, fp64): SDPA for GQA and MQA too; its flash kernel takes GQA natively
       and beat the grouped matmuls at every context (8 heads of 32, MQA L128: 8 us vs 19; L1024: 36 vs 42).
     - Otherwise the grouped form, which reads each KV head once for its whole query group (SDPA reads it once per

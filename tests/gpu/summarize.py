@@ -50,6 +50,8 @@ def step_problem(s: dict, name: str) -> str | None:
         return None
     if st["rc"] == "skipped":
         return f"skipped: {st['limit']}s of the budget left"
+    if st["rc"] == "no-checkpoint":
+        return "not run: train_real left no last.ckpt to resume from"
     if st["rc"] == "not-selected":
         return "not selected (ONLY)"
     if st["rc"] in ("124", "137"):
