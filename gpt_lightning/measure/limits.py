@@ -58,7 +58,8 @@ def matmul_peaks(device: torch.device, dtype: torch.dtype, n: int | None = None,
 
 
 def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Measured memory-read bandwidth in bytes/s: the best of `repeats` sums over an `nbytes` fp32 tensor.
+    """Measured memory-read bandwidth in bytes/s: the best of `repeats` sums over an `nbytes` fp32 tensor (on a GPU
+    each timing covers `CUDA_READS_PER_TIMING` sums between two synchronisations).
 
     A reduction reads every byte once and writes nothing, so it is the ceiling for anything bound by reading
     weights or a KV cache (decode at small batch). 1 GB is far beyond any cache.

@@ -127,10 +127,10 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
 
     - One new token, MHA: SDPA (on the CPU not in reduced precision). On the CPU in fp32 it beat the grouped
       matmuls at every batch x context of the decode grid (B32, L992: 1.31-1.43 ms vs 1.62-1.69). On an H100
-      (README "Measured on an H100") eager decode was bound by the host's kernel launches, and there MHA's one SDPA
-      call decoded faster than GQA/MQA's grouped form (~6 launches) in 10 of the grid's 12 cells (MQA / MHA
-      0.59-1.01x). SDPA with `enable_gqa` for one token on CUDA (flash/cuDNN take GQA inputs in bf16) and a CUDA
-      graph of the whole step are the candidates there; neither is measured yet.
+      (README "Measured on an H100") fp32 eager decode appeared host-bound (2% of the read limit), and MHA (one
+      SDPA call) beat both GQA-4 and MQA (grouped form, ~6 calls) in 9 of the fp32 grid's 12 cells; in bf16 at
+      batch 64 GQA/MQA were 1.54x faster. A CUDA graph of the whole step, and in bf16 SDPA with `enable_gqa` for
+      one token (if flash/cuDNN take a one-token GQA query), are the candidates there; neither is built yet.
     - One new token at batch 1 on the CPU (fp32, fp64): SDPA for GQA and MQA too; its flash kernel takes GQA natively
       and beat the grouped matmuls at every context (8 heads of 32, MQA L128: 8 us vs 19; L1024: 36 vs 42).
     - Otherwise the grouped form, which reads each KV head once for its whole query group (SDPA reads it once per

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 14, with issue 11's inference additions): proves on one CUDA GPU, in two calls of ~7 and ~3
+# The GPU check (issue 14, with issue 11's inference additions): proves on one CUDA GPU, in two calls of ~6 and ~3
 # minutes, that bf16-mixed training, torch.compile, the GQA attention kernels, the fused LM-head loss and KV-cached
 # decode work and how fast they are (the bench: training MFU, peak memory against HF, the decode grid over batch x
 # context x kv_groups); prints and writes a summary.
@@ -135,9 +135,9 @@ step bench 240 60 "$PY" -m gpt_lightning.bench "${SHAPE[@]}" "${BENCH[@]}" data.
 cp "$WORK/logs/bench.log" "$OUT/bench.txt" 2>/dev/null
 cp "$WORK/bench.json" "$WORK"/*.png "$OUT/" 2>/dev/null
 
-# On an H100 the steps above took ~360 s of the 420: the ones below then do not fit and are skipped (each needs
-# the minimum it took there: 73, 45 and 35 s); run them in a second call: ONLY="train_real resume speed_eager
-# speed_compiled" (tests/gpu/run_on_device.md).
+# On an H100 (2026-11-27) the steps above took ~360 s (the bench timed alone), so 15 minutes of device time take
+# two calls: ONLY="pytest_gpu probe bench", then ONLY="train_real resume speed_eager" (tests/gpu/run_on_device.md).
+# Each step below needs at least what it took there (73, 45 and 35 s) and is skipped, not started, with less.
 # --- 6. 300 steps on the real corpus, then a resume from last.ckpt -----------------------------------------------------
 TRAIN=("$PY" -m gpt_lightning.train "${COMMON[@]}")
 step train_real 150 80 "${TRAIN[@]}" "${REAL[@]}" trainer.max_steps=$REAL_STEPS hydra.run.dir="$WORK/runs/real"
