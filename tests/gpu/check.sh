@@ -9,8 +9,8 @@
 #
 # Writes to $OUT (default gpu_check/): summary.txt, summary.json, check.log (the step log), logs.tgz (every
 # step's output, the run records, TensorBoard events, pytest's junit XML), and the bench's bench.txt (its table),
-# bench.json and two decode-grid plots: 8 files, the most the device tool brings back. Checkpoints and caches go to $WORK
-# (default a fresh /tmp folder), never to $OUT. Each step runs under `timeout`, capped by what is left of
+# bench.json and two decode-grid plots: 8 files, the most the device tool brings back. Checkpoints and caches go to
+# $WORK (default a fresh /tmp folder), never to $OUT. Each step runs under `timeout`, capped by what is left of
 # GPU_BUDGET_S (default 420 s); a step that fails or times out is recorded and the next one still runs.
 # ONLY="probe speed_compiled" runs just those steps (a rerun of what failed; install and env always run).
 #
