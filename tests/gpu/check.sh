@@ -40,10 +40,13 @@ say() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/check.log"; }
 
 # step NAME CAP_S MIN_S CMD...: run CMD with its output in $WORK/logs/NAME.log under timeout min(CAP, budget left);
 # skipped (recorded as such) when less than MIN_S of the budget is left.
+# selected NAME: whether ONLY (when set) names the step; install and env always run.
+selected() { [[ -z ${ONLY:-} || $1 == install || $1 == env || " $ONLY " == *" $1 "* ]]; }
+
 step() {
   local name=$1 cap=$(( $2 * SCALE )) min=$(( $3 * SCALE )); shift 3
   local left=$(( BUDGET_S - ($(date +%s) - START) ))
-  if [[ -n ${ONLY:-} && $name != install && $name != env && " $ONLY " != *" $name "* ]]; then
+  if ! selected "$name"; then
     printf '%s\tnot-selected\t0\t0\n' "$name" >> "$WORK/steps.tsv"; say "$name: not in ONLY"; return 0
   fi
   if (( left < min )); then
@@ -142,7 +145,7 @@ cp "$WORK/bench.json" "$WORK"/*.png "$OUT/" 2>/dev/null
 TRAIN=("$PY" -m gpt_lightning.train "${COMMON[@]}")
 step train_real 150 80 "${TRAIN[@]}" "${REAL[@]}" trainer.max_steps=$REAL_STEPS hydra.run.dir="$WORK/runs/real"
 cp "$WORK/runs/real/summary.json" "$WORK/real_first.json" 2>/dev/null
-if [[ -f $WORK/runs/real/checkpoints/last.ckpt || ( -n ${ONLY:-} && " $ONLY " != *" resume "* ) ]]; then
+if [[ -f $WORK/runs/real/checkpoints/last.ckpt ]] || ! selected resume; then  # (step records "not selected")
   step resume 90 50 "${TRAIN[@]}" "${REAL[@]}" trainer.max_steps=$(( REAL_STEPS + RESUME_STEPS )) ckpt_path=last \
     hydra.run.dir="$WORK/runs/real"
 else  # nothing to resume from: on the H100 it started anyway and failed after 21 s
