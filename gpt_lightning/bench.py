@@ -357,8 +357,10 @@ def run_decode_grid(cfg: DictConfig, config: GPTConfig, device, configured: GPT)
         else:
             torch.manual_seed(cfg.seed)
             models.append(GPT(GPTConfig(**{**vars(config), "n_kv_groups": g})).to(device))
+    dtype = models[0].lm_head.weight.dtype
     rows = grid.decode_grid(models, list(b.grid_batch_sizes), list(b.grid_contexts), b.grid_new_tokens,
-                            b.repeats, bandwidth=bandwidth_probe(device), seed=cfg.seed)
+                            b.repeats, bandwidth=bandwidth_probe(device), seed=cfg.seed,
+                            peak=lambda: matmul_peak(device, dtype))
     contexts = sorted({r["context"] for r in rows})
     budget = grid.budget_rows(models, contexts, b.memory_budget_gb)
     big_b, big_l = max(b.grid_batch_sizes), max(contexts)
@@ -409,6 +411,8 @@ def ratios(r: dict) -> dict:
     if q:
         out[f"decode grid b{q['batch']} ctx{q['context']}: MQA / MHA achieved"] = q["achieved"]
         out[f"decode grid b{q['batch']} ctx{q['context']}: MQA / MHA bytes-read bound"] = q["bound"]
+        if "roofline_ratio" in q:
+            out[f"decode grid b{q['batch']} ctx{q['context']}: MQA / MHA roofline ratio"] = q["roofline_ratio"]
     return out
 
 

@@ -89,6 +89,51 @@ def test_grid_measures_the_bandwidth_beside_every_round_and_cell_and_divides_eac
             r["tokens_per_sec"]["median"] * r["bytes_read_per_step"] / (r["batch"] * bw))
 
 
+def test_flops_per_step_count_every_linear_and_attention_over_the_context():
+    model = tiny(2)  # 2 layers, 4 heads of 8, n_embd 32, vocab 100 (padded to 128)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert linear == 2 * (32 * (32 + 2 * 2 * 8) + 32 * 32 + 2 * 32 * 128) + 128 * 32  # blocks + the LM head once
+    assert grid.flops_per_step(model, batch=3, context=10) == 2 * 3 * linear + 4 * 3 * 2 * 4 * 8 * 11
+
+
+def test_roofline_is_the_slower_of_reading_and_computing():
+    assert grid.roofline_tokens_per_sec(4, bytes_read=1e6, flops=1e6, bandwidth=1e9, peak=1e12) == 4000  # read
+    assert grid.roofline_tokens_per_sec(4, bytes_read=1e6, flops=1e10, bandwidth=1e9, peak=1e12) == 400  # matmul
+
+
+def test_grid_rows_carry_the_roofline_and_mqa_over_mha_its_bound(monkeypatch):
+    models = [tiny(4), tiny(1)]
+    peaks = iter([1e9, 3e9, 5e9, 7e9])  # 2 rounds, measured before and after each: 2e9 and 6e9 FLOP/s
+    round_rates = iter([100.0] * 4 + [300.0] * 4)  # 4 timings per round (2 models x 2 batch sizes)
+    monkeypatch.setattr(grid, "time_decode_at", lambda *a, **k: next(round_rates))
+    rows = grid.decode_grid(models, [1, 3], [8], new_tokens=4, repeats=2, bandwidth=1e10, log=lambda s: None,
+                            peak=lambda: next(peaks))
+    assert next(peaks, None) is None  # one measurement before and one after each round, no more
+    for r in rows:
+        model = models[0] if r["kv_groups"] == 4 else models[1]
+        read, flops = r["bytes_read_per_step"], r["flops_per_step"]
+        assert flops == grid.flops_per_step(model, r["batch"], r["context"])
+        assert r["matmul_peak_flops"] == 4e9  # the median of the rounds' 2e9 and 6e9
+        assert r["roofline_tokens_per_sec"] == r["batch"] / max(read / 1e10, flops / 4e9)
+        assert r["roofline_bound"] == ("read" if read / 1e10 >= flops / 4e9 else "matmul")
+        # each round against its own peak: round 1 ran 100 tokens/s at 2e9, round 2 ran 300 at 6e9
+        own = [rate / grid.roofline_tokens_per_sec(r["batch"], read, flops, 1e10, pk)
+               for rate, pk in ((100.0, 2e9), (300.0, 6e9))]
+        assert r["fraction_of_roofline"] == pytest.approx(sum(own) / 2)
+    assert {r["roofline_bound"] for r in rows} == {"matmul"}  # at 2-6 GFLOP/s every step is bound by compute
+    ratio = grid.mqa_over_mha(rows, 3, 8)
+    mha = next(r for r in rows if (r["attention"], r["batch"]) == ("mha", 3))
+    mqa = next(r for r in rows if (r["attention"], r["batch"]) == ("mqa", 3))
+    assert ratio["roofline_ratio"] == mqa["roofline_tokens_per_sec"] / mha["roofline_tokens_per_sec"]
+    text = grid.format_grid(rows, [], ratio)
+    assert "% roofline (bound)" in text and f"roofline ratio {ratio['roofline_ratio']:.2f}x" in text
+    # without a peak there is no roofline
+    monkeypatch.undo()
+    plain = grid.decode_grid(models, [1], [8], new_tokens=2, repeats=1, bandwidth=1e10, log=lambda s: None)
+    assert all("fraction_of_roofline" not in r for r in plain)
+    assert "roofline_ratio" not in grid.mqa_over_mha(plain, 1, 8)
+
+
 def test_bracketed_takes_the_limit_before_and_after_the_measurement():
     order = []
     limits = iter([10.0, 30.0])
@@ -147,6 +192,7 @@ def test_evaluate_decode_contexts_writes_the_grid_and_the_budget(corpus, tmp_pat
     rows = r.details["decode_grid"]
     assert {(row["batch"], row["context"]) for row in rows} == {(1, 16), (2, 16), (1, 60), (2, 60)}  # block 64
     assert all(row["kv_groups"] == 2 and row["tokens_per_sec"]["median"] > 0 for row in rows)
+    assert all(row["fraction_of_roofline"] > 0 and row["flops_per_step"] > 0 for row in rows)  # peak measured too
     budget = r.details["decode_grid_budget"]
     assert [b["context"] for b in budget] == [16, 60] and budget[0]["largest_batch"] > budget[1]["largest_batch"]
     assert "largest batch in 0.5 GB" in out.stdout

@@ -2,7 +2,10 @@
 
 Where the cache, not the weights, dominates what a decode step reads (long contexts, large batches), fewer KV
 heads decode faster: the GQA paper's inference claim. Each grid row holds the measured tokens/s next to what a
-step reads (weights + the cache at that context) and the read-limited speed that implies.
+step reads (weights + the cache at that context) and the read-limited speed that implies, and, given the matmul
+peak, the step's roofline: the slower of reading those bytes at the bandwidth and computing its FLOPs at the peak.
+The bytes-read ratio of MHA over MQA bounds MQA's speed-up only where both are read-bound; at large batches the
+LM head and the other linears are bound by compute for every kv_groups alike, and the roofline ratio says so.
 
 Timing at context L: prefill L tokens, then time `new_tokens` greedy steps (L + new_tokens <= block_size).
 The prefill runs once at batch 1 and its cache is copied to every row of the batch (the rows would hold the same
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from gpt_lightning.measure.decode_linears import linear_bytes_and_flops
 from gpt_lightning.measure.limits import bracketed
 from gpt_lightning.measure.timing import summarize, sync
 from gpt_lightning.model import GPT, KVCache
@@ -33,6 +37,19 @@ def decode_weight_bytes(model: GPT) -> int:
 def cache_bytes_per_token(model: GPT) -> int:
     c, p = model.config, model.lm_head.weight
     return 2 * c.n_layer * c.n_kv_groups * c.head_dim * p.element_size()
+
+
+def flops_per_step(model: GPT, batch: int, context: int) -> int:
+    """FLOPs of one decode step of `batch` rows after `context` cached positions: every linear's product (the LM
+    head over the padded vocabulary) and, per layer and query head, q.k and p.v against the context + 1 keys."""
+    c = model.config
+    _, linear_flops = linear_bytes_and_flops(model, batch)
+    return linear_flops + 4 * batch * c.n_layer * c.n_head * c.head_dim * (context + 1)
+
+
+def roofline_tokens_per_sec(batch: int, bytes_read: int, flops: int, bandwidth: float, peak: float) -> float:
+    """New tokens/s if a step took the longer of reading `bytes_read` at `bandwidth` and `flops` at `peak`."""
+    return batch / max(bytes_read / bandwidth, flops / peak)
 
 
 def bytes_read_per_step(model: GPT, batch: int, context: int) -> int:
@@ -89,13 +106,18 @@ def time_decode_at(model: GPT, batch: int, context: int, new_tokens: int, genera
 
 def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], new_tokens: int, repeats: int,
                 bandwidth: float | Callable[[], float] | None = None, seed: int = 0,
-                prompt: torch.Tensor | None = None, log=print) -> list[dict]:
+                prompt: torch.Tensor | None = None, log=print,
+                peak: float | Callable[[], float] | None = None) -> list[dict]:
     """One row per (model, batch, context): tokens/s (median, min-max over `repeats` interleaved rounds), KV-cache
-    bytes, bytes read per step, and (given the read `bandwidth`) the read-limited tokens/s and the fraction of it.
+    bytes, bytes read per step, and (given the read `bandwidth`) the read-limited tokens/s and the fraction of it;
+    given the matmul `peak` as well (FLOP/s in the models' dtype), the step's FLOPs, its roofline tokens/s, what
+    bounds it ("read" or "matmul") and the fraction of it reached.
 
     Rounds are interleaved, and within a round the models run back to back at each (batch, context), so drift
     hits every kv_groups alike. `bandwidth` is bytes/s, or a probe measuring it: then it is measured before and
     after every (round, cell), and each round's fraction is against the mean of the two (`limits.bracketed`).
+    `peak` is FLOP/s or a probe: then it is measured before and after every round (a 2048^3 product takes ~1 s
+    to time on a CPU, too long to take beside every cell), each round's roofline against the mean of the two.
     """
     for m in models:
         m.eval()
@@ -103,9 +125,12 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
     ctxs = effective_contexts(contexts, block, new_tokens)
     cells = [(b, L) for L in ctxs for b in batch_sizes]
     probe = bandwidth if callable(bandwidth) else (lambda: bandwidth)
+    peak_probe = peak if callable(peak) else (lambda: peak)
     rates: dict[tuple, list[float]] = {}
     bandwidths: dict[tuple, list[float]] = {}  # (model, batch, context) -> the bandwidth beside each round
+    peaks: list[float] = []  # the matmul peak beside each round
     for r in range(repeats):
+        peak_before = peak_probe() if peak else None
         for b, L in cells:
             def cell(b=b, L=L) -> list[float]:
                 out = []
@@ -117,6 +142,8 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
             for i, rate in enumerate(cell_rates):
                 rates.setdefault((i, b, L), []).append(rate)
                 bandwidths.setdefault((i, b, L), []).append(bw)
+        if peak:
+            peaks.append((peak_before + peak_probe()) / 2)
         log(f"decode grid round {r + 1}/{repeats} done")
     rows = []
     for (i, b, L), values in rates.items():
@@ -131,6 +158,15 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
             row["read_bandwidth_bytes_per_sec"] = statistics.median(bws)
             row["read_limit_tokens_per_sec"] = b * statistics.median(bws) / read
             row["fraction_of_read_limit"] = statistics.median(rate * read / (b * bw) for rate, bw in zip(values, bws))
+        if bandwidth and peak:
+            flops, bws = flops_per_step(m, b, L), bandwidths[(i, b, L)]
+            bw, pk = statistics.median(bws), statistics.median(peaks)
+            row["flops_per_step"] = flops
+            row["matmul_peak_flops"] = pk
+            row["roofline_tokens_per_sec"] = roofline_tokens_per_sec(b, read, flops, bw, pk)
+            row["roofline_bound"] = "read" if read / bw >= flops / pk else "matmul"
+            row["fraction_of_roofline"] = statistics.median(  # each round against its own limits
+                rate / roofline_tokens_per_sec(b, read, flops, rbw, rpk) for rate, rbw, rpk in zip(values, bws, peaks))
         rows.append(row)
     return rows
 
@@ -150,25 +186,35 @@ def budget_rows(models: list[GPT], contexts: list[int], budget_gb: float) -> lis
 
 def mqa_over_mha(rows: list[dict], batch: int, context: int) -> dict | None:
     """At (batch, context): MHA's bytes read per step over MQA's (the bound on MQA's speed-up when decode is
-    bound by reading) next to the achieved tokens/s ratio. None unless both MHA and MQA rows are there."""
+    bound by reading) next to the achieved tokens/s ratio, and where the rows have rooflines, MQA's roofline
+    tokens/s over MHA's (`roofline_ratio`: the speed-up if both ran at their roofline, compute included).
+    None unless both MHA and MQA rows are there."""
     at = {r["attention"]: r for r in rows if r["batch"] == batch and r["context"] == context}
     if "mha" not in at or "mqa" not in at:
         return None
     mha, mqa = at["mha"], at["mqa"]
-    return {"batch": batch, "context": context,
-            "bound": mha["bytes_read_per_step"] / mqa["bytes_read_per_step"],
-            "achieved": mqa["tokens_per_sec"]["median"] / mha["tokens_per_sec"]["median"]}
+    out = {"batch": batch, "context": context,
+           "bound": mha["bytes_read_per_step"] / mqa["bytes_read_per_step"],
+           "achieved": mqa["tokens_per_sec"]["median"] / mha["tokens_per_sec"]["median"]}
+    if "roofline_tokens_per_sec" in mha and "roofline_tokens_per_sec" in mqa:
+        out["roofline_ratio"] = mqa["roofline_tokens_per_sec"] / mha["roofline_tokens_per_sec"]
+    return out
 
 
 def format_grid(rows: list[dict], budget: list[dict], ratio: dict | None) -> str:
     lines = [f"{'decode grid':<12} {'kv':>3} {'batch':>5} {'ctx':>5} {'tokens/s':>9} {'min-max':>15} "
-             f"{'KV cache MB':>11} {'read/step MB':>12} {'% read limit':>12}"]
+             f"{'KV cache MB':>11} {'read/step MB':>12} {'% read limit':>12} {'% roofline (bound)':>18}"]
     for r in sorted(rows, key=lambda r: (r["context"], r["batch"], -r["kv_groups"])):
         t = r["tokens_per_sec"]
         pct = f"{r['fraction_of_read_limit']:.0%}" if "fraction_of_read_limit" in r else "-"
+        roof = f"{r['fraction_of_roofline']:.0%} ({r['roofline_bound']})" if "fraction_of_roofline" in r else "-"
         lines.append(f"{r['attention']:<12} {r['kv_groups']:>3} {r['batch']:>5} {r['context']:>5} "
                      f"{t['median']:>9.1f} {t['min']:>7.1f}-{t['max']:<7.1f} {r['kv_cache_bytes'] / 1e6:>11.1f} "
-                     f"{r['bytes_read_per_step'] / 1e6:>12.1f} {pct:>12}")
+                     f"{r['bytes_read_per_step'] / 1e6:>12.1f} {pct:>12} {roof:>18}")
+    if any("fraction_of_roofline" in r for r in rows):
+        lines.append("(% roofline: the measured speed over the slower of reading the step's bytes at the read "
+                     "bandwidth and computing its FLOPs at the matmul peak, both measured beside the rounds; "
+                     "bound: which of the two)")
     if budget:
         ctxs = sorted({b["context"] for b in budget})
         lines += ["", f"largest batch in {budget[0]['budget_gb']:g} GB (weights + KV cache), by context:",
@@ -177,8 +223,9 @@ def format_grid(rows: list[dict], budget: list[dict], ratio: dict | None) -> str
             cells = {b["context"]: b["largest_batch"] for b in budget if b["kv_groups"] == g}
             lines.append(f"{g:>9} " + " ".join(f"{cells[c]:>7}" for c in ctxs))
     if ratio:
+        roof = f", roofline ratio {ratio['roofline_ratio']:.2f}x (both at their roofline)" if "roofline_ratio" in ratio else ""
         lines += ["", f"MQA / MHA at batch {ratio['batch']}, context {ratio['context']}: achieved "
-                      f"{ratio['achieved']:.2f}x, bytes-read bound {ratio['bound']:.2f}x"]
+                      f"{ratio['achieved']:.2f}x, bytes-read bound {ratio['bound']:.2f}x{roof}"]
     return "\n".join(lines)
 
 

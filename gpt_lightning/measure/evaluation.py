@@ -11,7 +11,7 @@ from gpt_lightning.common.errors import UserError
 from gpt_lightning.data import MachadoDataModule
 from gpt_lightning.data.tokens import token_byte_lengths
 from gpt_lightning.measure import decode_grid as grid
-from gpt_lightning.measure.limits import bandwidth_probe
+from gpt_lightning.measure.limits import bandwidth_probe, matmul_peak
 from gpt_lightning.measure.memory import peak_memory
 from gpt_lightning.measure.timing import decode_tokens_per_sec
 from gpt_lightning.training.checkpoints import load_checkpoint, load_gpt
@@ -82,7 +82,8 @@ def evaluate_checkpoint(path: str | Path, device: torch.device, data_overrides: 
     if contexts:
         text = dm.datasets["test"][0][0][None].to(device)  # (1, block_size) real tokens to prefill from
         rows = grid.decode_grid([model], batch_sizes, contexts, grid_new_tokens, repeats,
-                                bandwidth=bandwidth_probe(device), prompt=text)
+                                bandwidth=bandwidth_probe(device), prompt=text,
+                                peak=lambda: matmul_peak(device, model.lm_head.weight.dtype))
         details["decode_grid"] = rows
         details["decode_grid_budget"] = grid.budget_rows([model], sorted({r["context"] for r in rows}),
                                                          memory_budget_gb)

@@ -126,7 +126,8 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     whose first `length` positions are filled (the new tokens' included). K/V are never expanded to n_head heads.
 
     - One new token, MHA: SDPA (on the CPU not in reduced precision). On the CPU in fp32 it beat the grouped
-      matmuls at every batch x context of the decode grid (B32, L992: 1.31-1.43 ms vs 1.62-1.69). On an H100
+      matmuls at every batch x context of the decode grid (B32, L992: 1.31-1.43 ms vs 1.62-1.69); re-measured with
+      torch 2.13 the two were within ~20% of each other, the winner changing between runs. On an H100
       (README "Measured on an H100") fp32 eager decode appeared host-bound (2% of the read limit), and MHA (one
       SDPA call) beat both GQA-4 and MQA (grouped form, ~6 calls) in 9 of the fp32 grid's 12 cells; in bf16 at
       batch 64 GQA/MQA were 1.54x faster. A CUDA graph of the whole step, and in bf16 SDPA with `enable_gqa` for

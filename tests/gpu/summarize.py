@@ -328,7 +328,8 @@ def check_bench(S: Summary, work: Path, s: dict) -> None:
     q = d.get("decode_grid_mqa_over_mha")
     if q:
         S.add(f"bench decode grid MQA / MHA b{q['batch']} ctx{q['context']}", "INFO",
-              f"{q['achieved']:.2f}x achieved", f"bytes-read bound {q['bound']:.2f}x (weights + KV cache per step)")
+              f"{q['achieved']:.2f}x achieved", f"bytes-read bound {q['bound']:.2f}x (weights + KV cache per step)"
+              + (f", roofline ratio {q['roofline_ratio']:.2f}x" if "roofline_ratio" in q else ""))
     elif d.get("decode_grid") is not None:
         S.add("bench decode grid", "FAIL", "no MQA and MHA rows at one (batch, context)")
 
