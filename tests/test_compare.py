@@ -260,3 +260,108 @@ def test_report_tracks_each_arms_val_loss_gap_over_training_with_its_interval(tm
         d = compare_means([mqa[s][i] for s in (1, 2, 3)], [mha[s][i] for s in (1, 2, 3)])
         diff, half = (float(x) for x in rows[step].split(" ± "))
         assert diff == pytest.approx(d.diff, abs=1e-4) and half == pytest.approx(d.half_width, rel=1e-2)
+
+
+# ------------------------------------------------------------------ the decode grid from `evaluate` records
+
+def make_eval(run: Path, kv_groups: int, rates: dict[tuple[int, int], float], name: str = "last",
+              budget_gb: float = 1.0) -> Path:
+    """`evaluate ... decode.contexts=[...]`'s record beside the run's checkpoint: one grid row per (batch, context),
+    with bytes read per step and a roofline as measure.decode_grid writes them."""
+    (run / "checkpoints").mkdir(exist_ok=True)
+    rows = []
+    for (b, L), rate in rates.items():
+        read = 1_000_000 + b * L * 100 * kv_groups  # weights + every row's cache at L positions
+        rows.append({"kv_groups": kv_groups, "attention": "mha" if kv_groups == HEADS else "gqa", "batch": b,
+                     "context": L, "tokens_per_sec": {"median": rate, "min": rate, "max": rate, "n": 3},
+                     "bytes_read_per_step": read, "roofline_tokens_per_sec": b * 1e10 / read,
+                     "roofline_bound": "read", "fraction_of_roofline": rate * read / (b * 1e10)})
+    budget = [{"kv_groups": kv_groups, "context": L, "budget_gb": budget_gb, "largest_batch": 1000 // kv_groups}
+              for L in sorted({L for _, L in rates})]
+    path = run / "checkpoints" / f"{name}.eval.json"
+    details = {"decode_grid": rows, "decode_grid_budget": budget}
+    RunRecord(kind="evaluate", kv_groups=kv_groups, details=details).save(path)
+    return path
+
+
+@pytest.fixture
+def grid_sweep(sweep):
+    """The sweep's runs with evaluate grids: MQA ~2x MHA at batch 8, context 64 (three seeds each), GQA ~1.3x; at
+    batch 1 all alike. One GQA run has no record; one MQA run's grid is in best.eval.json, its last.eval.json
+    unreadable."""
+    runs = {p.name: p for p in sweep.iterdir()}
+    speed = {1: 2.0, 2: 1.3, 4: 1.0}
+    for name, run in runs.items():
+        kv, seed = int(name.split("_kv")[1][0]), int(name[-1])
+        if kv == 2 and seed == 3:
+            continue
+        make_eval(run, kv, {(1, 16): 400.0 + seed, (8, 16): 2000.0 * speed[kv] + 10 * seed,
+                            (8, 64): 1500.0 * speed[kv] + 10 * seed}, name="best" if name == "0_kv1_s1" else "last")
+    (runs["0_kv1_s1"] / "checkpoints" / "last.eval.json").write_text("{not json")
+    return sweep
+
+
+def test_compare_reads_the_decode_grid_of_every_runs_evaluate_record(grid_sweep):
+    c = compare(grid_sweep)
+    by = {(r["kv_groups"], r["batch"], r["context"]): r for r in c.grid}
+    assert set(by) == {(g, b, L) for g in (1, 2, 4) for b, L in ((1, 16), (8, 16), (8, 64))}
+    mqa, mha, gqa = by[(1, 8, 64)], by[(4, 8, 64)], by[(2, 8, 64)]
+    assert (mqa["n"], mha["n"], gqa["n"]) == (3, 3, 2)  # the GQA run without a record adds no figure
+    s = describe([3010.0, 3020.0, 3030.0])
+    assert mqa["tokens_per_sec_mean"] == pytest.approx(s.mean)
+    assert mqa["tokens_per_sec_ci_low"] == pytest.approx(s.ci_low)
+    assert mqa["speedup_vs_baseline"] == pytest.approx(3020.0 / 1520.0)
+    d = compare_means([3010.0, 3020.0, 3030.0], [1510.0, 1520.0, 1530.0])
+    assert (mqa["diff_ci_low"], mqa["diff_ci_high"]) == (pytest.approx(d.ci_low), pytest.approx(d.ci_high))
+    assert mqa["bytes_read_bound"] == pytest.approx((1_000_000 + 8 * 64 * 400) / (1_000_000 + 8 * 64 * 100))
+    assert mqa["roofline_ratio"] == pytest.approx(mqa["bytes_read_bound"])  # read-bound rooflines: the same ratio
+    assert "speedup_vs_baseline" not in mha and mha["baseline"]
+    # the unreadable record is named, and the run's grid still counts: it came from best.eval.json
+    assert len(c.grid_notes) == 1 and "0_kv1_s1" in c.grid_notes[0] and "last.eval.json" in c.grid_notes[0]
+    assert by[(1, 1, 16)]["n"] == 3
+
+
+def test_compare_writes_the_grid_table_csv_plots_and_findings(grid_sweep):
+    c = compare(grid_sweep)
+    md = (grid_sweep / "comparison.md").read_text()
+    assert "## Decode over batch × context" in md and "bytes-read bound" in md and "roofline ratio" in md
+    assert md.index("## Decode over batch × context") < md.index("## Runs")
+    assert "Not read: `0_kv1_s1` checkpoints/last.eval.json" in md
+    rows = read_csv(grid_sweep / "decode_grid.csv")
+    assert len(rows) == 9 and {r["batch"] for r in rows} == {"1", "8"}
+    mqa = next(r for r in rows if (r["kv_groups"], r["batch"], r["context"]) == ("1", "8", "64"))
+    assert float(mqa["speedup_vs_baseline"]) == pytest.approx(3020.0 / 1520.0)
+    report = (grid_sweep / "report.md").read_text()
+    section = report.split("## Decode over batch × context")[1].split("## Plots")[0]
+    # at the largest batch of the longest context: MQA resolved faster, with its interval and both bounds
+    line = next(x for x in section.splitlines() if x.startswith("- kv_groups=1"))
+    assert "decodes 1.99× kv_groups=4 (MHA)'s tokens/s at batch 8, context 64" in line
+    assert "bytes-read bound 1.15×" in line and "roofline ratio 1.15×" in line and "n = 3 vs 3" in line
+    assert {"decode_grid_vs_kv_groups.png", "largest_batch_vs_kv_groups.png"} <= set(c.images)
+    assert all((grid_sweep / name).stat().st_size > 1000 for name in c.images)
+    assert "decode_vs_kv_groups.png" in c.images  # compare's own batch-1 plot is still there, not overwritten
+
+
+def test_a_grid_difference_whose_interval_holds_zero_is_no_difference_detected(tmp_path):
+    root = tmp_path / "s"
+    for kv, rates in ((1, (990.0, 1030.0)), (4, (1000.0, 1010.0))):
+        for seed, rate in zip((1, 2), rates):
+            make_eval(make_run(root, f"kv{kv}_s{seed}", kv, seed), kv, {(4, 32): rate})
+    report = (compare(root).out / "report.md").read_text()
+    assert "kv_groups=1 (MQA): no decode-speed difference detected at batch 4, context 32" in report
+
+
+def test_compare_without_any_evaluate_record_has_no_grid_section(sweep):
+    c = compare(sweep)
+    assert c.grid == [] and not (sweep / "decode_grid.csv").exists()
+    assert "Decode over batch" not in (sweep / "comparison.md").read_text()
+    assert "decode_grid_vs_kv_groups.png" not in c.images
+
+
+def test_arms_sharing_a_kv_groups_get_the_grid_table_but_no_plot_against_kv_groups(tmp_path):
+    root = tmp_path / "lr"
+    for lr in (1e-3, 3e-3):
+        for kv in (1, 4):
+            make_eval(make_run(root, f"kv{kv}_lr{lr}", kv, 1, lr=lr), kv, {(2, 8): 100.0 * kv})
+    c = compare(root)
+    assert len(c.grid) == 4 and "decode_grid_vs_kv_groups.png" not in c.images

@@ -196,6 +196,14 @@ def test_evaluate_decode_contexts_writes_the_grid_and_the_budget(corpus, tmp_pat
     budget = r.details["decode_grid_budget"]
     assert [b["context"] for b in budget] == [16, 60] and budget[0]["largest_batch"] > budget[1]["largest_batch"]
     assert "largest batch in 0.5 GB" in out.stdout
+    # compare reads the grid evaluate wrote: the run's arm gets the table and the CSV, cell by cell
+    from gpt_lightning.analysis.report import compare
+
+    c = compare(tmp_path)
+    assert {(g["batch"], g["context"]) for g in c.grid} == {(1, 16), (2, 16), (1, 60), (2, 60)}
+    assert all(g["n"] == 1 and g["fraction_of_roofline"] > 0 and g["roofline_bound"] for g in c.grid)
+    assert "## Decode over batch × context" in (tmp_path / "comparison.md").read_text()
+    assert (tmp_path / "decode_grid.csv").is_file()
 
 
 def test_evaluate_refuses_bad_contexts():

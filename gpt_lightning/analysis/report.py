@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpt_lightning.analysis import decode_by_arm as grid
 from gpt_lightning.analysis import plots
 from gpt_lightning.analysis.arms import (METRICS, Arm, Metric, complete, group, headline, kv_cache_share, measure,
                                          parameter_share, pick_baseline)
@@ -19,6 +20,7 @@ from gpt_lightning.analysis.search import search_section
 from gpt_lightning.analysis.stats import Difference, Summary, compare_means, finding, runs_needed
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.common.files import atomic_write_text
+from gpt_lightning.measure.decode_grid import plot_grid
 
 RUN_COLUMNS = ["run", "arm", "seed", "status", "attention", "n_head", "kv_groups", "parameters", "mlp_hidden",
                "test_bpb", "best_val_loss", "val_ppl", "test_loss", "test_ppl", "train_tokens_per_sec",
@@ -40,6 +42,8 @@ class Comparison:
     metric: Metric           # the headline quality metric
     parents: list[str]       # parent runs read from outside the folder (conversion study)
     images: list[str]
+    grid: list[dict] = field(default_factory=list)         # the decode grid per arm and cell (analysis.decode_by_arm)
+    grid_notes: list[str] = field(default_factory=list)    # evaluate records that could not be read
 
 
 # ------------------------------------------------------------------------------------------------ formatting
@@ -156,6 +160,7 @@ def comparison_md(c: Comparison) -> str:
              _fmt(r.get("kv_groups")), _parameters_cell(r), *(_fmt(r.get(k)) for k in (
                  "test_bpb", "best_val_loss", "test_loss", "test_ppl", "train_tokens_per_sec",
                  "decode_tokens_per_sec", "kv_cache_bytes_per_token", "steps"))] for r in run_rows(c)]
+    lines += grid.grid_section(c.grid, c.baseline, c.grid_notes)
     lines += ["## Runs", "", *_table(header, body), "",
               "test bpb: bits per UTF-8 byte of the test split (empty for runs from before it was recorded); test ppl "
               "is measured with the best checkpoint (a conversion-study arm: its final weights); KV-cache bytes per "
@@ -249,6 +254,12 @@ def report_md(c: Comparison) -> str:
                   "(a planning figure, not a promise):", ""]
         lines += [f"- {line}" for a in others if (line := what_it_would_take(a, c.baseline, m))]
         lines += gap_over_training(others, c.baseline)
+    findings = grid.grid_findings(c.grid, c.baseline)
+    if findings:
+        lines += ["", "## Decode over batch × context", "",
+                  "From the runs' `evaluate ... decode.contexts=[...]` records, at the largest batch of the longest "
+                  "context each arm shares with the baseline (every cell: comparison.md, decode_grid.csv):", "",
+                  *findings]
     unfinished = [r["run"] for r in c.rows if not complete(r)]
     if unfinished:
         lines += ["", f"Not counted (unfinished): {', '.join(f'`{r}`' for r in unfinished)}."]
@@ -284,7 +295,14 @@ def compare(root: Path, out: Path | None = None, baseline: str | None = None) ->
     out = (out or root).expanduser().resolve()
     c = Comparison(root, out, rows, arms, chosen, note, headline(arms), [r["run"] for r in rows[len(runs):]], [])
     out.mkdir(parents=True, exist_ok=True)
+    c.grid = grid.grid_rows(arms, chosen)
+    c.grid_notes = [f"`{r['run']}` {r['decode_grid_problem']}" for r in rows if r.get("decode_grid_problem")]
     c.images = plots.plot(arms, chosen, c.metric, out)
+    if (drawn := grid.plot_rows(c.grid)) is not None:
+        names = ("decode_grid_vs_kv_groups.png", "largest_batch_vs_kv_groups.png")
+        c.images += [p.name for p in plot_grid(drawn, grid.budget_rows(arms), out, names=names)]
+    if c.grid:
+        atomic_write_text(out / "decode_grid.csv", _csv(grid.CSV_COLUMNS, c.grid))
     atomic_write_text(out / "comparison.csv", _csv(arm_csv_columns(), arm_csv_rows(c)))
     atomic_write_text(out / "runs.csv", _csv(RUN_COLUMNS, run_rows(c)))
     atomic_write_text(out / "comparison.md", comparison_md(c))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from gpt_lightning.analysis.decode_by_arm import read_eval_grid
 from gpt_lightning.model import attention_label, kv_cache_bytes_per_token
 from gpt_lightning.training.run_record import TRAIN_RECORD, RecordError, RunRecord
 
@@ -190,6 +191,8 @@ def read_run(run: Path, root: Path) -> dict:
             head_dim = model["n_embd"] // att["n_heads"]
             row["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(model["n_layer"], att["kv_groups"], head_dim)
             row["kv_cache_bytes_per_token_mha"] = kv_cache_bytes_per_token(model["n_layer"], att["n_heads"], head_dim)
+    # the decode grid `evaluate decode.contexts=[...]` left beside a checkpoint; an unreadable one costs only the grid
+    row["decode_grid"], row["decode_grid_problem"] = read_eval_grid(run)
     if problems:
         row["status"] = "; ".join([row.get("status") or "unreadable", *problems])
     for key in ("best_val_loss", "test_loss", "test_ppl", "val_bpb", "test_bpb", "train_tokens_per_sec",

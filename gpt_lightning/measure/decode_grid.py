@@ -223,14 +223,17 @@ def format_grid(rows: list[dict], budget: list[dict], ratio: dict | None) -> str
             cells = {b["context"]: b["largest_batch"] for b in budget if b["kv_groups"] == g}
             lines.append(f"{g:>9} " + " ".join(f"{cells[c]:>7}" for c in ctxs))
     if ratio:
-        roof = f", roofline ratio {ratio['roofline_ratio']:.2f}x (both at their roofline)" if "roofline_ratio" in ratio else ""
+        roof = (f", roofline ratio {ratio['roofline_ratio']:.2f}x (both at their roofline)"
+                if "roofline_ratio" in ratio else "")
         lines += ["", f"MQA / MHA at batch {ratio['batch']}, context {ratio['context']}: achieved "
                       f"{ratio['achieved']:.2f}x, bytes-read bound {ratio['bound']:.2f}x{roof}"]
     return "\n".join(lines)
 
 
-def plot_grid(rows: list[dict], budget: list[dict], out_dir: Path) -> list[Path]:
-    """decode_vs_kv_groups.png (one line per batch, context) and largest_batch_vs_kv_groups.png (one per context)."""
+def plot_grid(rows: list[dict], budget: list[dict], out_dir: Path,
+              names: tuple[str, str] = ("decode_vs_kv_groups.png", "largest_batch_vs_kv_groups.png")) -> list[Path]:
+    """decode_vs_kv_groups.png (one line per batch, context) and largest_batch_vs_kv_groups.png (one per context),
+    or the two `names` given (compare has a decode_vs_kv_groups.png of its own)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,7 +264,7 @@ def plot_grid(rows: list[dict], budget: list[dict], out_dir: Path) -> list[Path]
     ax.set(yscale="log", ylabel="decode tokens/s (median)", title="Decode speed against KV heads")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    paths.append(out_dir / "decode_vs_kv_groups.png")
+    paths.append(out_dir / names[0])
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     if budget:
@@ -274,7 +277,7 @@ def plot_grid(rows: list[dict], budget: list[dict], out_dir: Path) -> list[Path]
                title=f"Largest batch in {budget[0]['budget_gb']:g} GB (weights + KV cache)")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        paths.append(out_dir / "largest_batch_vs_kv_groups.png")
+        paths.append(out_dir / names[1])
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths
