@@ -97,7 +97,7 @@ def test_bench_produces_every_column(tmp_path):
     assert cells == {(g, b, c) for g in (1, 2, 4) for b in (1, 2) for c in (8, 60)}
     assert {(x["kv_groups"], x["context"]) for x in r["decode_grid_budget"]} == {(g, c) for g in (1, 2, 4) for c in (8, 60)}
     assert r["decode_grid_mqa_over_mha"]["bound"] > 1 and "MQA / MHA at batch 2, context 60" in result.stdout
-    assert all(row["roofline_bound"] in ("read", "matmul") and row["fraction_of_roofline"] > 0
+    assert all(row["limited_by"] in ("read", "matmul") and row["fraction_of_roofline"] > 0
                and row["matmul_peak_flops"] > 0 for row in r["decode_grid"])
     assert r["decode_grid_mqa_over_mha"]["roofline_ratio"] > 0 and "roofline ratio" in result.stdout
     assert "decode grid b2 ctx60: MQA / MHA roofline ratio" in r["ratios"]

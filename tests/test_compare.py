@@ -265,17 +265,20 @@ def test_report_tracks_each_arms_val_loss_gap_over_training_with_its_interval(tm
 # ------------------------------------------------------------------ the decode grid from `evaluate` records
 
 def make_eval(run: Path, kv_groups: int, rates: dict[tuple[int, int], float], name: str = "last",
-              budget_gb: float = 1.0) -> Path:
+              budget_gb: float = 1.0, compute_bound: dict[tuple[int, int], float] | None = None) -> Path:
     """`evaluate ... decode.contexts=[...]`'s record beside the run's checkpoint: one grid row per (batch, context),
-    with bytes read per step and a roofline as measure.decode_grid writes them."""
+    with bytes read per step and a roofline as measure.decode_grid writes them: read-bound (1e10 B/s) unless the
+    cell is in `compute_bound`, which gives its roofline tokens/s."""
     (run / "checkpoints").mkdir(exist_ok=True)
     rows = []
     for (b, L), rate in rates.items():
         read = 1_000_000 + b * L * 100 * kv_groups  # weights + every row's cache at L positions
+        roof = (compute_bound or {}).get((b, L), b * 1e10 / read)
         rows.append({"kv_groups": kv_groups, "attention": "mha" if kv_groups == HEADS else "gqa", "batch": b,
                      "context": L, "tokens_per_sec": {"median": rate, "min": rate, "max": rate, "n": 3},
-                     "bytes_read_per_step": read, "roofline_tokens_per_sec": b * 1e10 / read,
-                     "roofline_bound": "read", "fraction_of_roofline": rate * read / (b * 1e10)})
+                     "bytes_read_per_step": read, "roofline_tokens_per_sec": roof,
+                     "limited_by": "matmul" if (b, L) in (compute_bound or {}) else "read",
+                     "fraction_of_roofline": rate / roof})
     budget = [{"kv_groups": kv_groups, "context": L, "budget_gb": budget_gb, "largest_batch": 1000 // kv_groups}
               for L in sorted({L for _, L in rates})]
     path = run / "checkpoints" / f"{name}.eval.json"
@@ -287,8 +290,8 @@ def make_eval(run: Path, kv_groups: int, rates: dict[tuple[int, int], float], na
 @pytest.fixture
 def grid_sweep(sweep):
     """The sweep's runs with evaluate grids: MQA ~2x MHA at batch 8, context 64 (three seeds each), GQA ~1.3x; at
-    batch 1 all alike. One GQA run has no record; one MQA run's grid is in best.eval.json, its last.eval.json
-    unreadable."""
+    batch 1 all alike. Batch 8, context 64 is bound by compute (roofline MQA 6000 tokens/s, MHA 4000). One GQA run
+    has no record; one MQA run's grid is in best.eval.json, its last.eval.json unreadable."""
     runs = {p.name: p for p in sweep.iterdir()}
     speed = {1: 2.0, 2: 1.3, 4: 1.0}
     for name, run in runs.items():
@@ -296,7 +299,8 @@ def grid_sweep(sweep):
         if kv == 2 and seed == 3:
             continue
         make_eval(run, kv, {(1, 16): 400.0 + seed, (8, 16): 2000.0 * speed[kv] + 10 * seed,
-                            (8, 64): 1500.0 * speed[kv] + 10 * seed}, name="best" if name == "0_kv1_s1" else "last")
+                            (8, 64): 1500.0 * speed[kv] + 10 * seed}, name="best" if name == "0_kv1_s1" else "last",
+                  compute_bound={(8, 64): {1: 6000.0, 2: 5000.0, 4: 4000.0}[kv]})
     (runs["0_kv1_s1"] / "checkpoints" / "last.eval.json").write_text("{not json")
     return sweep
 
@@ -314,7 +318,8 @@ def test_compare_reads_the_decode_grid_of_every_runs_evaluate_record(grid_sweep)
     d = compare_means([3010.0, 3020.0, 3030.0], [1510.0, 1520.0, 1530.0])
     assert (mqa["diff_ci_low"], mqa["diff_ci_high"]) == (pytest.approx(d.ci_low), pytest.approx(d.ci_high))
     assert mqa["bytes_read_bound"] == pytest.approx((1_000_000 + 8 * 64 * 400) / (1_000_000 + 8 * 64 * 100))
-    assert mqa["roofline_ratio"] == pytest.approx(mqa["bytes_read_bound"])  # read-bound rooflines: the same ratio
+    assert mqa["roofline_ratio"] == pytest.approx(6000.0 / 4000.0) and mqa["limited_by"] == "matmul"
+    assert by[(1, 8, 16)]["roofline_ratio"] == pytest.approx(by[(1, 8, 16)]["bytes_read_bound"])  # read-bound
     assert "speedup_vs_baseline" not in mha and mha["baseline"]
     # the unreadable record is named, and the run's grid still counts: it came from best.eval.json
     assert len(c.grid_notes) == 1 and "0_kv1_s1" in c.grid_notes[0] and "last.eval.json" in c.grid_notes[0]
@@ -336,7 +341,7 @@ def test_compare_writes_the_grid_table_csv_plots_and_findings(grid_sweep):
     # at the largest batch of the longest context: MQA resolved faster, with its interval and both bounds
     line = next(x for x in section.splitlines() if x.startswith("- kv_groups=1"))
     assert "decodes 1.99× kv_groups=4 (MHA)'s tokens/s at batch 8, context 64" in line
-    assert "bytes-read bound 1.15×" in line and "roofline ratio 1.15×" in line and "n = 3 vs 3" in line
+    assert "bytes-read bound 1.15×" in line and "roofline ratio 1.50×" in line and "n = 3 vs 3" in line
     assert {"decode_grid_vs_kv_groups.png", "largest_batch_vs_kv_groups.png"} <= set(c.images)
     assert all((grid_sweep / name).stat().st_size > 1000 for name in c.images)
     assert "decode_vs_kv_groups.png" in c.images  # compare's own batch-1 plot is still there, not overwritten
@@ -365,3 +370,40 @@ def test_arms_sharing_a_kv_groups_get_the_grid_table_but_no_plot_against_kv_grou
             make_eval(make_run(root, f"kv{kv}_lr{lr}", kv, 1, lr=lr), kv, {(2, 8): 100.0 * kv})
     c = compare(root)
     assert len(c.grid) == 4 and "decode_grid_vs_kv_groups.png" not in c.images
+
+
+def test_bad_or_foreign_evaluate_records_cost_only_their_grid(tmp_path):
+    root = tmp_path / "s"
+    runs = {kv: make_run(root, f"kv{kv}", kv, 1) for kv in (1, 2, 4)}
+    make_eval(runs[4], 4, {(2, 8): 100.0, (4, 8): 150.0})
+    (runs[1] / "checkpoints").mkdir()
+    (runs[1] / "checkpoints" / "last.eval.json").write_text('{"kind": "evaluate", "details": [1]}')
+    RunRecord(kind="bench", details={"decode_grid": [{"kv_groups": 2, "batch": 2, "context": 8,
+                                                      "tokens_per_sec": {"median": 50.0}}]}).save(
+        (runs[2] / "checkpoints").mkdir() or runs[2] / "checkpoints" / "x.eval.json")
+    c = compare(root)
+    notes = " ".join(c.grid_notes)
+    assert "kv1" in notes and "its details are not an object" in notes and "not an evaluate record" in notes
+    assert {a.label: a.n for a in c.arms} == {"kv_groups=1": 1, "kv_groups=2": 1, "kv_groups=4": 1}  # all counted
+    assert {r["kv_groups"] for r in c.grid} == {4}
+
+
+def test_rows_of_another_model_duplicates_and_non_finite_speeds_are_skipped(tmp_path):
+    root = tmp_path / "s"
+    mha, mqa = make_run(root, "kv4", 4, 1), make_run(root, "kv1", 1, 1)
+    make_eval(mha, 4, {(2, 8): 100.0, (4, 8): 200.0})
+    path = make_eval(mqa, 1, {(2, 8): 150.0, (4, 8): 300.0})
+    record = RunRecord.load(path)
+    rows = record.details["decode_grid"]
+    rows += [dict(rows[0], tokens_per_sec={"median": 999.0}),  # a duplicate cell: the first row counts
+             dict(rows[0], kv_groups=4, tokens_per_sec={"median": 999.0}),  # another model's row (bench-style)
+             dict(rows[0], context=16, tokens_per_sec={"median": float("nan")}),
+             dict(rows[0], context=32, tokens_per_sec={"median": 0.0}),
+             dict(rows[0], batch=float("inf"), context=64)]
+    record.save(path)
+    c = compare(root)
+    assert {(r["kv_groups"], r["batch"], r["context"]) for r in c.grid} == {(4, 2, 8), (4, 4, 8), (1, 2, 8), (1, 4, 8)}
+    cell = next(r for r in c.grid if (r["kv_groups"], r["batch"]) == (1, 2))
+    assert cell["n"] == 1 and cell["tokens_per_sec_mean"] == 150.0 and cell["speedup_vs_baseline"] == 1.5
+    report = (c.out / "report.md").read_text()
+    assert "no interval: fewer than 2 runs on a side, or no spread" in report

@@ -13,18 +13,19 @@ machine.
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
 from gpt_lightning.analysis.arms import Arm
 from gpt_lightning.analysis.stats import compare_means, describe
-from gpt_lightning.training.run_record import RecordError, RunRecord
+from gpt_lightning.training.run_record import RunRecord
 
 EVAL_SUFFIX = ".eval.json"
 CSV_COLUMNS = ["arm", "baseline", "kv_groups", "batch", "context", "n", "tokens_per_sec_mean", "tokens_per_sec_ci_low",
                "tokens_per_sec_ci_high", "tokens_per_sec_std", "speedup_vs_baseline", "diff", "diff_ci_low",
                "diff_ci_high", "p_value", "n_baseline", "bytes_read_per_step", "bytes_read_bound", "roofline_ratio",
-               "fraction_of_roofline", "roofline_bound"]
+               "fraction_of_roofline", "limited_by"]
 
 
 def eval_records(run: Path) -> list[Path]:
@@ -36,37 +37,62 @@ def eval_records(run: Path) -> list[Path]:
 def read_eval_grid(run: Path) -> tuple[dict | None, str | None]:
     """(grid, problem): the first evaluate record of the run holding a decode grid, as {"record": its path relative
     to the run, "rows": [...], "budget": [...]}, or None; `problem` names the records before it that could not be
-    read (the run itself still counts: at worst its grid is missing)."""
+    used (the run itself still counts: at worst its grid is missing). Never raises for a bad record."""
     problems = []
     for path in eval_records(run):
+        name = path.relative_to(run)
         try:
-            details = RunRecord.load(path).details or {}
-        except (RecordError, OSError) as e:
-            problems.append(f"{path.relative_to(run)}: {e}")
+            record = RunRecord.load(path)
+        except Exception as e:  # RecordError for what load recognises; anything else is as unreadable
+            problems.append(f"{name}: {e}")
+            continue
+        details = record.details
+        if record.kind != "evaluate" or not isinstance(details, dict):
+            problems.append(f"{name}: not an evaluate record (kind {record.kind!r})" if record.kind != "evaluate"
+                            else f"{name}: its details are not an object")
             continue
         rows = details.get("decode_grid")
         if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
-            return {"record": str(path.relative_to(run)), "rows": rows,
-                    "budget": details.get("decode_grid_budget") or []}, "; ".join(problems) or None
+            budget = details.get("decode_grid_budget")
+            return {"record": str(name), "rows": rows, "kv_groups": record.kv_groups,
+                    "budget": budget if isinstance(budget, list) else []}, "; ".join(problems) or None
     return None, "; ".join(problems) or None
 
 
+def _positive(x) -> float | None:
+    """x as a finite positive float, or None."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) and x > 0 else None
+
+
 def _cells(arm: Arm) -> dict[tuple[int, int], list[dict]]:
-    """(batch, context) -> the grid row of each finished run of the arm that measured it."""
+    """(batch, context) -> the grid row of each finished run of the arm that measured it: one per run (the first),
+    only rows of the run's own kv_groups, with a finite positive speed (a row from another version, or another
+    model's, is skipped, not guessed)."""
     cells: dict[tuple[int, int], list[dict]] = {}
     for run in arm.measured:
-        for row in (run.get("decode_grid") or {}).get("rows", []):
+        grid = run.get("decode_grid") or {}
+        kv = run.get("kv_groups") or grid.get("kv_groups")
+        seen = set()
+        for row in grid.get("rows", []):
             try:
-                key = (int(row["batch"]), int(row["context"]))
-                float(row["tokens_per_sec"]["median"])
-            except (KeyError, TypeError, ValueError):
-                continue  # a row from another version: skipped, not guessed
-            cells.setdefault(key, []).append(row)
+                rate = _positive(row["tokens_per_sec"]["median"])
+                b, L = _positive(row["batch"]), _positive(row["context"])
+            except (KeyError, TypeError):
+                continue
+            if None in (b, L, rate) or (kv is not None and row.get("kv_groups") != kv) or (b, L) in seen:
+                continue
+            seen.add((b, L))
+            cells.setdefault((int(b), int(L)), []).append(row)
     return cells
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
-    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    """The mean of the rows' finite positive `key` values, or None."""
+    values = [v for r in rows if (v := _positive(r.get(key))) is not None]
     return statistics.fmean(values) if values else None
 
 
@@ -84,7 +110,7 @@ def grid_rows(arms: list[Arm], baseline: Arm) -> list[dict]:
                    "tokens_per_sec_ci_high": s.ci_high, "tokens_per_sec_std": s.std,
                    "bytes_read_per_step": _mean(rows, "bytes_read_per_step"),
                    "fraction_of_roofline": _mean(rows, "fraction_of_roofline"),
-                   "roofline_bound": _majority([r.get("roofline_bound") for r in rows])}
+                   "limited_by": _majority([r.get("limited_by") for r in rows])}
             ref = base.get((b, L))
             if ref and not arm.is_baseline:
                 ref_rates = [float(r["tokens_per_sec"]["median"]) for r in ref]
@@ -132,7 +158,7 @@ def grid_section(rows: list[dict], baseline: Arm, notes: list[str]) -> list[str]
             half = (None if r["tokens_per_sec_ci_high"] is None
                     else (r["tokens_per_sec_ci_high"] - r["tokens_per_sec_ci_low"]) / 2)
             rate = f"{r['tokens_per_sec_mean']:,.0f}" + (f" ± {half:,.0f}" if half is not None else "")
-            bound = {"read": " r", "matmul": " m"}.get(r.get("roofline_bound"), "")
+            bound = {"read": " r", "matmul": " m"}.get(r.get("limited_by"), "")
             pct = _num(r.get("fraction_of_roofline"), ".0%")
             body.append([str(r["batch"]), str(r["context"]), r["arm"] + (" (baseline)" if r["baseline"] else ""),
                          str(r["n"]), rate, *(_times(r.get(k)) for k in ("speedup_vs_baseline", "bytes_read_bound",
@@ -158,7 +184,7 @@ def grid_findings(rows: list[dict], baseline: Arm) -> list[str]:
         n = f"n = {r['n']} vs {r['n_baseline']}"
         if r.get("diff_ci_low") is None:
             verdict = (f"decodes {r['speedup_vs_baseline']:.2f}× {baseline.name}'s tokens/s {where} ({n}, no "
-                       f"interval: one run per arm)")
+                       f"interval: fewer than 2 runs on a side, or no spread)")
         elif r["diff_ci_low"] <= 0 <= r["diff_ci_high"]:
             verdict = (f"no decode-speed difference detected {where} ({r['speedup_vs_baseline']:.2f}×, difference "
                        f"{r['diff']:+,.0f} tokens/s, 95% CI {r['diff_ci_low']:+,.0f} to {r['diff_ci_high']:+,.0f}, "
@@ -173,12 +199,14 @@ def grid_findings(rows: list[dict], baseline: Arm) -> list[str]:
 
 def budget_rows(arms: list[Arm]) -> list[dict]:
     """The largest-batch-in-budget rows of each arm's first finished run with a grid (they depend on the shape
-    and the budget only), or none when the arms' records used different budgets."""
+    and the budget only), or none when the arms' records used different budgets or a row lacks a figure."""
     out = []
     for arm in arms:
         grid = next((r["decode_grid"] for r in arm.measured if r.get("decode_grid")), None)
-        out += [b for b in (grid or {}).get("budget", []) if isinstance(b, dict)]
-    return out if len({b.get("budget_gb") for b in out}) == 1 else []
+        out += (grid or {}).get("budget", [])
+    complete = all(isinstance(b, dict) and isinstance(b.get("kv_groups"), int) and _positive(b.get("context"))
+                   and isinstance(b.get("largest_batch"), int) and _positive(b.get("budget_gb")) for b in out)
+    return out if complete and len({b["budget_gb"] for b in out}) == 1 else []
 
 
 def plot_rows(rows: list[dict]) -> list[dict] | None:

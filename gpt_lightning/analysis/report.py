@@ -300,7 +300,8 @@ def compare(root: Path, out: Path | None = None, baseline: str | None = None) ->
     c.images = plots.plot(arms, chosen, c.metric, out)
     if (drawn := grid.plot_rows(c.grid)) is not None:
         names = ("decode_grid_vs_kv_groups.png", "largest_batch_vs_kv_groups.png")
-        c.images += [p.name for p in plot_grid(drawn, grid.budget_rows(arms), out, names=names)]
+        c.images += [p.name for p in plot_grid(drawn, grid.budget_rows(arms), out, names=names,
+                                               ylabel="decode tokens/s (mean over the arm's runs)")]
     if c.grid:
         atomic_write_text(out / "decode_grid.csv", _csv(grid.CSV_COLUMNS, c.grid))
     atomic_write_text(out / "comparison.csv", _csv(arm_csv_columns(), arm_csv_rows(c)))

@@ -41,7 +41,9 @@ def cache_bytes_per_token(model: GPT) -> int:
 
 def flops_per_step(model: GPT, batch: int, context: int) -> int:
     """FLOPs of one decode step of `batch` rows after `context` cached positions: every linear's product (the LM
-    head over the padded vocabulary) and, per layer and query head, q.k and p.v against the context + 1 keys."""
+    head over the padded vocabulary) and, per layer and query head, q.k and p.v against the context + 1 keys.
+    Like `bytes_read_per_step`, taken at the cell's starting context: its timed steps run at context ... context +
+    new_tokens - 1, so the attention terms are low by up to new_tokens / context (e.g. 32 new tokens after 128)."""
     c = model.config
     _, linear_flops = linear_bytes_and_flops(model, batch)
     return linear_flops + 4 * batch * c.n_layer * c.n_head * c.head_dim * (context + 1)
@@ -130,7 +132,7 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
     bandwidths: dict[tuple, list[float]] = {}  # (model, batch, context) -> the bandwidth beside each round
     peaks: list[float] = []  # the matmul peak beside each round
     for r in range(repeats):
-        peak_before = peak_probe() if peak else None
+        peak_before = peak_probe() if peak and bandwidth else None  # a roofline needs both
         for b, L in cells:
             def cell(b=b, L=L) -> list[float]:
                 out = []
@@ -142,7 +144,7 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
             for i, rate in enumerate(cell_rates):
                 rates.setdefault((i, b, L), []).append(rate)
                 bandwidths.setdefault((i, b, L), []).append(bw)
-        if peak:
+        if peak and bandwidth:
             peaks.append((peak_before + peak_probe()) / 2)
         log(f"decode grid round {r + 1}/{repeats} done")
     rows = []
@@ -164,7 +166,7 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
             row["flops_per_step"] = flops
             row["matmul_peak_flops"] = pk
             row["roofline_tokens_per_sec"] = roofline_tokens_per_sec(b, read, flops, bw, pk)
-            row["roofline_bound"] = "read" if read / bw >= flops / pk else "matmul"
+            row["limited_by"] = "read" if read / bw >= flops / pk else "matmul"
             row["fraction_of_roofline"] = statistics.median(  # each round against its own limits
                 rate / roofline_tokens_per_sec(b, read, flops, rbw, rpk) for rate, rbw, rpk in zip(values, bws, peaks))
         rows.append(row)
@@ -207,7 +209,7 @@ def format_grid(rows: list[dict], budget: list[dict], ratio: dict | None) -> str
     for r in sorted(rows, key=lambda r: (r["context"], r["batch"], -r["kv_groups"])):
         t = r["tokens_per_sec"]
         pct = f"{r['fraction_of_read_limit']:.0%}" if "fraction_of_read_limit" in r else "-"
-        roof = f"{r['fraction_of_roofline']:.0%} ({r['roofline_bound']})" if "fraction_of_roofline" in r else "-"
+        roof = f"{r['fraction_of_roofline']:.0%} ({r['limited_by']})" if "fraction_of_roofline" in r else "-"
         lines.append(f"{r['attention']:<12} {r['kv_groups']:>3} {r['batch']:>5} {r['context']:>5} "
                      f"{t['median']:>9.1f} {t['min']:>7.1f}-{t['max']:<7.1f} {r['kv_cache_bytes'] / 1e6:>11.1f} "
                      f"{r['bytes_read_per_step'] / 1e6:>12.1f} {pct:>12} {roof:>18}")
@@ -231,9 +233,11 @@ def format_grid(rows: list[dict], budget: list[dict], ratio: dict | None) -> str
 
 
 def plot_grid(rows: list[dict], budget: list[dict], out_dir: Path,
-              names: tuple[str, str] = ("decode_vs_kv_groups.png", "largest_batch_vs_kv_groups.png")) -> list[Path]:
+              names: tuple[str, str] = ("decode_vs_kv_groups.png", "largest_batch_vs_kv_groups.png"),
+              ylabel: str = "decode tokens/s (median)") -> list[Path]:
     """decode_vs_kv_groups.png (one line per batch, context) and largest_batch_vs_kv_groups.png (one per context),
-    or the two `names` given (compare has a decode_vs_kv_groups.png of its own)."""
+    or the two `names` given (compare has a decode_vs_kv_groups.png of its own); `ylabel` says what the plotted
+    `tokens_per_sec["median"]` values are (compare plots arm means)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,7 +265,7 @@ def plot_grid(rows: list[dict], budget: list[dict], out_dir: Path,
             ax.plot(*zip(*pts), color=colors[ci], linestyle=styles[bi % len(styles)], marker="os^Dvx"[bi % 6],
                     label=f"batch {b}, context {L}")
     kv_axis(ax, groups)
-    ax.set(yscale="log", ylabel="decode tokens/s (median)", title="Decode speed against KV heads")
+    ax.set(yscale="log", ylabel=ylabel, title="Decode speed against KV heads")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     paths.append(out_dir / names[0])
