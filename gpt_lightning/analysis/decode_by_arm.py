@@ -140,34 +140,31 @@ def _times(v: float | None) -> str:
     return "" if v is None else f"{v:.2f}×"
 
 
-def grid_section(rows: list[dict], baseline: Arm, notes: list[str]) -> list[str]:
-    """comparison.md's decode grid table (empty without any grid)."""
-    if not rows and not notes:
-        return []
-    lines = ["## Decode over batch × context", ""]
-    if rows:
-        lines += [f"From each run's `evaluate ... decode.contexts=[...]` record; tokens/s is the arm's mean over its "
-                  f"runs (± 95% CI half-width with 2 or more), × {baseline.name} the ratio of the means, bytes-read "
-                  "bound the baseline's bytes read per step over the arm's, roofline ratio the arm's roofline "
-                  "tokens/s over the baseline's (compute included), % of roofline the arm's measured speed over its "
-                  "own roofline (m: bound by compute, r: by reading). Compare only arms measured on one machine.", ""]
-        header = ["batch", "context", "arm", "n", "tokens/s", f"× {baseline.name}", "bytes-read bound",
-                  "roofline ratio", "% of roofline"]
-        body = []
-        for r in sorted(rows, key=lambda r: (r["context"], r["batch"], -(r["kv_groups"] or 0))):
-            half = (None if r["tokens_per_sec_ci_high"] is None
-                    else (r["tokens_per_sec_ci_high"] - r["tokens_per_sec_ci_low"]) / 2)
-            rate = f"{r['tokens_per_sec_mean']:,.0f}" + (f" ± {half:,.0f}" if half is not None else "")
-            bound = {"read": " r", "matmul": " m"}.get(r.get("limited_by"), "")
-            pct = _num(r.get("fraction_of_roofline"), ".0%")
-            body.append([str(r["batch"]), str(r["context"]), r["arm"] + (" (baseline)" if r["baseline"] else ""),
-                         str(r["n"]), rate, *(_times(r.get(k)) for k in ("speedup_vs_baseline", "bytes_read_bound",
-                                                                          "roofline_ratio")),
-                         pct + (bound if pct else "")])
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                  *("| " + " | ".join(c) + " |" for c in body), ""]
-    lines += [f"Not read: {note}." for note in notes]
-    return lines + ([""] if notes else [])
+def grid_intro(baseline: Arm) -> str:
+    """What comparison.md's decode grid table shows, column by column."""
+    return (f"From each run's `evaluate ... decode.contexts=[...]` record; tokens/s is the arm's mean over its runs "
+            f"(± 95% CI half-width with 2 or more), × {baseline.name} the ratio of the means, bytes-read bound the "
+            "baseline's bytes read per step over the arm's, roofline ratio the arm's roofline tokens/s over the "
+            "baseline's (compute included), % of roofline the arm's measured speed over its own roofline (m: bound "
+            "by compute, r: by reading). Compare only arms measured on one machine.")
+
+
+def grid_table(rows: list[dict], baseline: Arm) -> tuple[list[str], list[list[str]]]:
+    """(header, body) of comparison.md's decode grid table: one line per cell and arm, by context, batch, kv_groups."""
+    header = ["batch", "context", "arm", "n", "tokens/s", f"× {baseline.name}", "bytes-read bound", "roofline ratio",
+              "% of roofline"]
+    body = []
+    for r in sorted(rows, key=lambda r: (r["context"], r["batch"], -(r["kv_groups"] or 0))):
+        half = (None if r["tokens_per_sec_ci_high"] is None
+                else (r["tokens_per_sec_ci_high"] - r["tokens_per_sec_ci_low"]) / 2)
+        rate = f"{r['tokens_per_sec_mean']:,.0f}" + (f" ± {half:,.0f}" if half is not None else "")
+        bound = {"read": " r", "matmul": " m"}.get(r.get("limited_by"), "")
+        pct = _num(r.get("fraction_of_roofline"), ".0%")
+        body.append([str(r["batch"]), str(r["context"]), r["arm"] + (" (baseline)" if r["baseline"] else ""),
+                     str(r["n"]), rate, *(_times(r.get(k)) for k in ("speedup_vs_baseline", "bytes_read_bound",
+                                                                      "roofline_ratio")),
+                     pct + (bound if pct else "")])
+    return header, body
 
 
 def grid_findings(rows: list[dict], baseline: Arm) -> list[str]:

@@ -132,6 +132,17 @@ def run_rows(c: Comparison) -> list[dict]:
     return [{**r, "arm": arm_of[r["run"]]} for r in c.rows]
 
 
+def grid_section(c: Comparison) -> list[str]:
+    """comparison.md's decode grid (`analysis.decode_by_arm`) and the evaluate records it could not read, if any."""
+    if not c.grid and not c.grid_notes:
+        return []
+    lines = ["## Decode over batch × context", ""]
+    if c.grid:
+        lines += [grid.grid_intro(c.baseline), "", *_table(*grid.grid_table(c.grid, c.baseline)), ""]
+    lines += [f"Not read: {note}." for note in c.grid_notes]
+    return lines + ([""] if c.grid_notes else [])
+
+
 def comparison_md(c: Comparison) -> str:
     lines = [f"# Comparison of {len(c.rows)} runs in {len(c.arms)} arms in `{c.root}`", "",
              f"Baseline: **{c.baseline.name}**, {c.baseline_note}. Each figure is the mean over an arm's finished "
@@ -160,7 +171,7 @@ def comparison_md(c: Comparison) -> str:
              _fmt(r.get("kv_groups")), _parameters_cell(r), *(_fmt(r.get(k)) for k in (
                  "test_bpb", "best_val_loss", "test_loss", "test_ppl", "train_tokens_per_sec",
                  "decode_tokens_per_sec", "kv_cache_bytes_per_token", "steps"))] for r in run_rows(c)]
-    lines += grid.grid_section(c.grid, c.baseline, c.grid_notes)
+    lines += grid_section(c)
     lines += ["## Runs", "", *_table(header, body), "",
               "test bpb: bits per UTF-8 byte of the test split (empty for runs from before it was recorded); test ppl "
               "is measured with the best checkpoint (a conversion-study arm: its final weights); KV-cache bytes per "

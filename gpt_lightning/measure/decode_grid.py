@@ -157,18 +157,19 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
                "weight_bytes": decode_weight_bytes(m), "bytes_read_per_step": read}
         if bandwidth:
             bws = bandwidths[(i, b, L)]
-            row["read_bandwidth_bytes_per_sec"] = statistics.median(bws)
-            row["read_limit_tokens_per_sec"] = b * statistics.median(bws) / read
-            row["fraction_of_read_limit"] = statistics.median(rate * read / (b * bw) for rate, bw in zip(values, bws))
-        if bandwidth and peak:
-            flops, bws = flops_per_step(m, b, L), bandwidths[(i, b, L)]
-            bw, pk = statistics.median(bws), statistics.median(peaks)
-            row["flops_per_step"] = flops
-            row["matmul_peak_flops"] = pk
-            row["roofline_tokens_per_sec"] = roofline_tokens_per_sec(b, read, flops, bw, pk)
-            row["limited_by"] = "read" if read / bw >= flops / pk else "matmul"
-            row["fraction_of_roofline"] = statistics.median(  # each round against its own limits
-                rate / roofline_tokens_per_sec(b, read, flops, rbw, rpk) for rate, rbw, rpk in zip(values, bws, peaks))
+            bw = statistics.median(bws)
+            row["read_bandwidth_bytes_per_sec"] = bw
+            row["read_limit_tokens_per_sec"] = b * bw / read
+            row["fraction_of_read_limit"] = statistics.median(rate * read / (b * rbw) for rate, rbw in zip(values, bws))
+            if peak:
+                flops, pk = flops_per_step(m, b, L), statistics.median(peaks)
+                row["flops_per_step"] = flops
+                row["matmul_peak_flops"] = pk
+                row["roofline_tokens_per_sec"] = roofline_tokens_per_sec(b, read, flops, bw, pk)
+                row["limited_by"] = "read" if read / bw >= flops / pk else "matmul"
+                row["fraction_of_roofline"] = statistics.median(  # each round against its own limits
+                    rate / roofline_tokens_per_sec(b, read, flops, rbw, rpk)
+                    for rate, rbw, rpk in zip(values, bws, peaks))
         rows.append(row)
     return rows
 
