@@ -235,17 +235,25 @@ def bench(cfg: DictConfig) -> RunRecord:
         decoders["HF generate fp32"] = (hf.eval(), True)
     decode: dict[str, list[float]] = {}
     steps_b1: dict[str, list[tuple[float, float]]] = {}  # batch-1 decode steps alone: (tokens/s, bandwidth beside)
+    graphed = b.cuda_graph and device.type == "cuda"
+    # On a GPU with graphs on, the batch-1 steps are also timed eager, beside: the graph's gain in the same rounds.
+    step_modes = {"": b.cuda_graph} | ({" eager": False} if graphed else {})
+    step_models = {}
     for bs in b.decode_batch_sizes:
         prompt = prompt1.expand(bs, -1).contiguous()
         for name, (model, is_hf) in decoders.items():
-            time_decode(model, prompt, 8, is_hf)  # warm-up
+            time_decode(model, prompt, 8, is_hf, b.cuda_graph)  # warm-up
         for _ in range(b.repeats):
             for name, (model, is_hf) in decoders.items():
-                decode.setdefault(f"{name} b{bs}", []).append(time_decode(model, prompt, new_tokens, is_hf))
+                decode.setdefault(f"{name} b{bs}", []).append(time_decode(model, prompt, new_tokens, is_hf,
+                                                                          b.cuda_graph))
                 if bs == 1 and not is_hf:
-                    g = torch.Generator().manual_seed(cfg.seed)
-                    steps_b1.setdefault(name, []).append(bracketed(
-                        lambda: grid.time_decode_at(model, 1, prompt_len, new_tokens, g), bandwidth_probe(device)))
+                    for suffix, graph in step_modes.items():
+                        g = torch.Generator().manual_seed(cfg.seed)
+                        step_models[name + suffix] = model
+                        steps_b1.setdefault(name + suffix, []).append(bracketed(
+                            lambda: grid.time_decode_at(model, 1, prompt_len, new_tokens, g, cuda_graph=graph),
+                            bandwidth_probe(device)))
 
     # decode's linears alone at each decode batch size, against the limits measured beside every round
     linears = []
@@ -273,7 +281,7 @@ def bench(cfg: DictConfig) -> RunRecord:
         training[name] = s
     read_limit = {}
     for name, rounds in steps_b1.items():
-        model = decoders[name][0]
+        model = step_models[name]
         per_step = grid.bytes_read_per_step(model, 1, prompt_len + new_tokens // 2)
         s = summarize([rate for rate, _ in rounds])
         bws = summarize([bw for _, bw in rounds])
@@ -301,6 +309,7 @@ def bench(cfg: DictConfig) -> RunRecord:
         "step_breakdown": breakdown,
         "decode_tokens_per_sec": {k: summarize(v) for k, v in decode.items()},
         "decode_read_limit_b1": read_limit,
+        "decode_cuda_graph": graphed,
         "decode_linears": linears,
         "kv_cache_bytes_per_token": {
             "configured": kv_cache_bytes_per_token(config.n_layer, config.n_kv_groups, config.head_dim),
@@ -360,7 +369,7 @@ def run_decode_grid(cfg: DictConfig, config: GPTConfig, device, configured: GPT)
     dtype = models[0].lm_head.weight.dtype
     rows = grid.decode_grid(models, list(b.grid_batch_sizes), list(b.grid_contexts), b.grid_new_tokens,
                             b.repeats, bandwidth=bandwidth_probe(device), seed=cfg.seed,
-                            peak=lambda: matmul_peak(device, dtype))
+                            peak=lambda: matmul_peak(device, dtype), cuda_graph=b.cuda_graph)
     contexts = sorted({r["context"] for r in rows})
     budget = grid.budget_rows(models, contexts, b.memory_budget_gb)
     big_b, big_l = max(b.grid_batch_sizes), max(contexts)
@@ -432,6 +441,9 @@ def format_table(r: dict) -> str:
              + f"; memory-read bandwidth (measured): {r['read_bandwidth_bytes_per_sec'] / 1e9:.1f} GB/s",
              "(MFU and % of the read limit: each round against the limit measured beside it; median, min-max)",
              "SDPA path in training: " + "; ".join(f"{k}: {v}" for k, v in r["sdpa_path"].items())]
+    if r.get("decode_cuda_graph"):
+        lines.append("decode steps: replayed from a CUDA graph (the '... eager' b1 rows: the same steps launched "
+                     "kernel by kernel)")
     if r["training_tokens_per_sec"]:
         lines += ["", f"{'training (tokens/s)':<48} {'median':>9} {'min-max':>15} {'MFU':>6} {'MFU min-max':>11} "
                       f"{'peak MB':>8} {'step MB':>8} {'step min-max':>12}"]

@@ -36,7 +36,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
                         f"decode.memory_budget_gb={d.memory_budget_gb} > 0")
     record = evaluate_checkpoint(cfg.ckpt_path, pick_device(cfg.device), OmegaConf.to_container(cfg.data),
                                  d.prompt_tokens, d.new_tokens, list(d.batch_sizes), d.repeats, contexts=contexts,
-                                 grid_new_tokens=d.grid_new_tokens, memory_budget_gb=d.memory_budget_gb)
+                                 grid_new_tokens=d.grid_new_tokens, memory_budget_gb=d.memory_budget_gb,
+                                 cuda_graph=d.cuda_graph)
     path = Path(record.checkpoint)
     out = record.save(path.with_name(path.stem + ".eval.json"))
     return record.to_dict(), out

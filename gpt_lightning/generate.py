@@ -44,7 +44,8 @@ def generate(cfg: DictConfig, out=sys.stdout) -> list[int]:
     out.flush()
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span several tokens
     new = []
-    for token in stream_tokens(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator):
+    for token in stream_tokens(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator,
+                               cuda_graph=cfg.cuda_graph):
         new.append(int(token[0]))
         out.write(utf8.decode(tokenizer.decode_single_token_bytes(new[-1])))
         out.flush()

@@ -67,3 +67,38 @@ def test_gqa_training_never_takes_a_slower_sdpa_backend_than_mha(dtype):
     mha = sdpa_backend(q, q, q, 0.0, True, False)
     print(f"{dtype}: GQA path {path}; MHA gets {mha}")
     assert BACKEND_RANK[path.split()[0]] <= BACKEND_RANK[mha]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv", [8, 2, 1])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_graph_decode_equals_the_eager_step(kv, batch, dtype):
+    import warnings
+
+    from gpt_lightning.model.graphed_decode import GraphedDecoder
+
+    model = tiny(kv).to(dtype).eval()
+    prompt = torch.randint(0, 1000, (batch, 8), device="cuda")
+    eager, graphed = model.new_cache(batch), model.new_cache(batch)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns and falls back: that would fail here
+        model.last_logits(prompt, eager), model.last_logits(prompt, graphed)
+        step = GraphedDecoder(model, graphed)
+        tokens = prompt[:, -1]
+        for _ in range(64 - 8):  # to the end of the cache
+            want, got = model.next_logits(tokens, eager), step(tokens).clone()
+            tol = 1e-5 if dtype == torch.float32 else 0.05
+            torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+            tokens = want.float().argmax(-1)
+    assert step.graph is not None  # replayed from the graph, not the eager fallback
+    assert graphed.length == eager.length == 64
+    assert all(k.shape == (batch, kv, 64, 16) for k in graphed.k + graphed.v)
+
+
+@pytest.mark.parametrize("kv", [8, 1])
+def test_generate_with_a_cuda_graph_equals_eager_past_block_size(kv):
+    model = tiny(kv).eval()
+    prompt = torch.randint(0, 1000, (2, 40), device="cuda")
+    graphed = model.generate(prompt, 60, temperature=0)  # 100 > block_size 64: re-prefills into the graph's cache
+    eager = model.generate(prompt, 60, temperature=0, cuda_graph=False)
+    assert torch.equal(graphed, eager)

@@ -276,6 +276,7 @@ def test_evaluate_reports_test_metrics_and_kv_bytes_in_the_ratio_kv_groups_over_
     assert r.parameters == summary.parameters > 0 and r.peak_memory_bytes > 0
     by_batch = r.details["decode_tokens_per_sec_by_batch"]
     assert by_batch["b1"] == r.decode_tokens_per_sec > 0 and by_batch["b8"] > 0
+    assert r.details["decode_cuda_graph"] is False  # a CPU decodes eagerly whatever decode.cuda_graph says
     assert "kv_cache_bytes_per_token" in result.stdout
 
 
@@ -291,6 +292,8 @@ def test_generate_with_a_seed_is_reproducible_and_streams_the_prompt(first_run):
     other = generate(ckpt, *args, "seed=4")
     assert a.returncode == 0, a.stderr[-3000:]
     assert a.stdout == b.stdout and a.stdout.startswith("Capítulo I, o dia") and a.stdout != other.stdout
+    eager = generate(ckpt, *args, "seed=3", "cuda_graph=false")  # the key exists; on a CPU nothing changes
+    assert eager.returncode == 0 and eager.stdout == a.stdout, eager.stderr[-3000:]
 
 
 def test_generate_crops_a_long_prompt_and_starts_an_empty_one_from_endoftext(first_run):

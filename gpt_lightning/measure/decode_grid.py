@@ -25,6 +25,7 @@ from gpt_lightning.measure.decode_linears import linear_bytes_and_flops
 from gpt_lightning.measure.limits import bracketed
 from gpt_lightning.measure.timing import summarize, sync
 from gpt_lightning.model import GPT, KVCache
+from gpt_lightning.model.graphed_decode import decode_step
 from gpt_lightning.model.sampling import cpu_matvec_layout, sample_next
 
 
@@ -92,16 +93,18 @@ def prefilled_cache(model: GPT, batch: int, context: int, new_tokens: int, gener
 
 @torch.no_grad()
 def time_decode_at(model: GPT, batch: int, context: int, new_tokens: int, generator: torch.Generator,
-                   prompt: torch.Tensor | None = None) -> float:
-    """New tokens/s (all rows counted) of `new_tokens` greedy KV-cached steps after `context` prefilled positions."""
+                   prompt: torch.Tensor | None = None, cuda_graph: bool = True) -> float:
+    """New tokens/s (all rows counted) of `new_tokens` greedy KV-cached steps after `context` prefilled positions
+    (on a GPU replayed from a CUDA graph unless `cuda_graph` is False, as generate's decode)."""
     cache, nxt = prefilled_cache(model, batch, context, new_tokens, generator, prompt)
     with cpu_matvec_layout(model, rows=batch):
-        model.next_logits(nxt, cache)  # warm-up step (primitive set-up)
+        step = decode_step(model, cache, cuda_graph)
+        step(nxt)  # warm-up step (primitive set-up, graph capture)
         cache.length = context  # rewind
         sync(nxt.device)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            nxt = sample_next(model.next_logits(nxt, cache), temperature=0)  # (B,): greedy, as generate's decode
+            nxt = sample_next(step(nxt), temperature=0)  # (B,): greedy, as generate's decode
         sync(nxt.device)
     return batch * new_tokens / (time.perf_counter() - start)
 
@@ -109,7 +112,7 @@ def time_decode_at(model: GPT, batch: int, context: int, new_tokens: int, genera
 def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], new_tokens: int, repeats: int,
                 bandwidth: float | Callable[[], float] | None = None, seed: int = 0,
                 prompt: torch.Tensor | None = None, log=print,
-                peak: float | Callable[[], float] | None = None) -> list[dict]:
+                peak: float | Callable[[], float] | None = None, cuda_graph: bool = True) -> list[dict]:
     """One row per (model, batch, context): tokens/s (median, min-max over `repeats` interleaved rounds), KV-cache
     bytes, bytes read per step, and (given the read `bandwidth`) the read-limited tokens/s and the fraction of it;
     given the matmul `peak` as well (FLOP/s in the models' dtype), the step's FLOPs, its roofline tokens/s, what
@@ -120,6 +123,9 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
     after every (round, cell), and each round's fraction is against the mean of the two (`limits.bracketed`).
     `peak` is FLOP/s or a probe: then it is measured before and after every round (a 2048^3 product takes ~1 s
     to time on a CPU, too long to take beside every cell), each round's roofline against the mean of the two.
+    On a GPU the steps replay a CUDA graph unless `cuda_graph` is False (rows say which: `cuda_graph`); a graph's
+    attention reads the whole cache of context + new_tokens positions, up to new_tokens / context more than the
+    `bytes_read_per_step` counted at the context.
     """
     for m in models:
         m.eval()
@@ -138,7 +144,7 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
                 out = []
                 for model in models:
                     g = torch.Generator().manual_seed(seed + L)
-                    out.append(time_decode_at(model, b, L, new_tokens, g, prompt))
+                    out.append(time_decode_at(model, b, L, new_tokens, g, prompt, cuda_graph))
                 return out
             cell_rates, bw = bracketed(cell, probe) if bandwidth else (cell(), None)
             for i, rate in enumerate(cell_rates):
@@ -152,7 +158,8 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
         m = models[i]
         c, read = m.config, bytes_read_per_step(m, b, L)
         row = {"kv_groups": c.n_kv_groups, "attention": c.attention, "n_head": c.n_head, "batch": b, "context": L,
-               "new_tokens": new_tokens, "dtype": str(m.lm_head.weight.dtype).removeprefix("torch."),
+               "new_tokens": new_tokens, "cuda_graph": cuda_graph and m.lm_head.weight.is_cuda,
+               "dtype": str(m.lm_head.weight.dtype).removeprefix("torch."),
                "tokens_per_sec": summarize(values), "kv_cache_bytes": b * L * cache_bytes_per_token(m),
                "weight_bytes": decode_weight_bytes(m), "bytes_read_per_step": read}
         if bandwidth:

@@ -52,9 +52,11 @@ def loss_and_bpb(model, loader, device, token_bytes: torch.Tensor) -> tuple[floa
 
 def evaluate_checkpoint(path: str | Path, device: torch.device, data_overrides: dict, prompt_tokens: int,
                         new_tokens: int, batch_sizes: list[int], repeats: int, contexts: list[int] | None = None,
-                        grid_new_tokens: int = 32, memory_budget_gb: float = 1.0) -> RunRecord:
+                        grid_new_tokens: int = 32, memory_budget_gb: float = 1.0,
+                        cuda_graph: bool = True) -> RunRecord:
     """Test loss/perplexity and decode speed; with `contexts`, also the decode grid over batch_sizes x contexts
-    (prefilled from the test split's first window) and the largest batch in `memory_budget_gb` per context."""
+    (prefilled from the test split's first window) and the largest batch in `memory_budget_gb` per context. On a
+    GPU decode replays a CUDA graph unless `cuda_graph` is False."""
     path = Path(path).expanduser().resolve()
     ckpt = load_checkpoint(path)
     model, hparams = load_gpt(ckpt, map_location=device)
@@ -75,15 +77,16 @@ def evaluate_checkpoint(path: str | Path, device: torch.device, data_overrides: 
     prompt_len = min(prompt_tokens, c.block_size - 1)
     new = min(new_tokens, c.block_size - prompt_len)
     prompt = dm.datasets["test"][0][0][:prompt_len].to(device)
-    decode = {f"b{b}": decode_tokens_per_sec(model, prompt.expand(b, -1).contiguous(), new, repeats)
+    decode = {f"b{b}": decode_tokens_per_sec(model, prompt.expand(b, -1).contiguous(), new, repeats, cuda_graph)
               for b in batch_sizes}
     details = {"decode_tokens_per_sec_by_batch": decode, "decode_prompt_tokens": prompt_len,
+               "decode_cuda_graph": cuda_graph and device.type == "cuda",
                "decode_new_tokens": new, "test_tokens": len(dm.datasets["test"]) * c.block_size}
     if contexts:
         text = dm.datasets["test"][0][0][None].to(device)  # (1, block_size) real tokens to prefill from
         rows = grid.decode_grid([model], batch_sizes, contexts, grid_new_tokens, repeats,
                                 bandwidth=bandwidth_probe(device), prompt=text,
-                                peak=lambda: matmul_peak(device, model.lm_head.weight.dtype))
+                                peak=lambda: matmul_peak(device, model.lm_head.weight.dtype), cuda_graph=cuda_graph)
         details["decode_grid"] = rows
         details["decode_grid_budget"] = grid.budget_rows([model], sorted({r["context"] for r in rows}),
                                                          memory_budget_gb)

@@ -21,25 +21,26 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def time_decode(model, prompt: torch.Tensor, new_tokens: int, hf: bool = False) -> float:
+def time_decode(model, prompt: torch.Tensor, new_tokens: int, hf: bool = False, cuda_graph: bool = True) -> float:
     """One greedy KV-cached decode of `new_tokens` after (B, T) `prompt`: new tokens per second, all rows counted.
-    `hf=True` times a Hugging Face model's own `generate` the same way."""
+    `hf=True` times a Hugging Face model's own `generate` the same way. `cuda_graph`: see `stream_tokens`."""
     sync(prompt.device)
     start = time.perf_counter()
     if hf:
         model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                        use_cache=True, pad_token_id=0, attention_mask=torch.ones_like(prompt))
     else:
-        for _ in stream_tokens(model, prompt, new_tokens, temperature=0):
+        for _ in stream_tokens(model, prompt, new_tokens, temperature=0, cuda_graph=cuda_graph):
             pass
     sync(prompt.device)
     return prompt.size(0) * new_tokens / (time.perf_counter() - start)
 
 
-def decode_tokens_per_sec(model, prompt: torch.Tensor, new_tokens: int = 64, repeats: int = 3) -> float:
+def decode_tokens_per_sec(model, prompt: torch.Tensor, new_tokens: int = 64, repeats: int = 3,
+                          cuda_graph: bool = True) -> float:
     """Median of `repeats` timed decodes after one warm-up (kernels, allocator)."""
-    time_decode(model, prompt, new_tokens)
-    return statistics.median(time_decode(model, prompt, new_tokens) for _ in range(repeats))
+    time_decode(model, prompt, new_tokens, cuda_graph=cuda_graph)
+    return statistics.median(time_decode(model, prompt, new_tokens, cuda_graph=cuda_graph) for _ in range(repeats))
 
 
 def end_of_run_decode(model, batch_size: int = 1, prompt_tokens: int = 16, new_tokens: int = 32,

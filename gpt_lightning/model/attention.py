@@ -6,6 +6,8 @@ where that buys SDPA a faster kernel (below). The paths:
   which folds each KV head's group of query heads into the query dimension, (B, G, n_head/G * T, hd) against
   (B, G, L, hd): plain batched matmuls that read each cached key and value once per step; SDPA or an fp32 copy of a
   small cache where the dev CPU measured that faster;
+- a decode step replayed from a CUDA graph (GPUs): `masked_decode_attention`, the same grouped layout through one
+  SDPA call over the cache's whole buffers, keys after the position masked (fixed shapes);
 - training on the CPU in bf16 up to MATMUL_ATTENTION_MAX_T positions: `matmul_attention`, the same grouped layout
   as two matmuls around an fp32 softmax (the CPU flash kernel's bf16 backward is slow there);
 - training otherwise, and prefill: SDPA. Its fused kernels do not all take `enable_gqa` (on CUDA, flash and cuDNN
@@ -130,8 +132,8 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
       torch 2.13 the two were within ~20% of each other, the winner changing between runs. On an H100
       (README "Measured on an H100") fp32 eager decode appeared host-bound (2% of the read limit), and MHA (one
       SDPA call) beat both GQA-4 and MQA (grouped form, ~6 calls) in 9 of the fp32 grid's 12 cells; in bf16 at
-      batch 64 GQA/MQA were 1.54x faster. A CUDA graph of the whole step, and in bf16 SDPA with `enable_gqa` for
-      one token (if flash/cuDNN take a one-token GQA query), are the candidates there; neither is built yet.
+      batch 64 GQA/MQA were 1.54x faster. On a GPU, generate/evaluate/bench decode steps now replay a CUDA graph of the
+      whole step instead (`graphed_decode`, attention by `masked_decode_attention`) unless `cuda_graph=False`.
     - One new token at batch 1 on the CPU (fp32, fp64): SDPA for GQA and MQA too; its flash kernel takes GQA natively
       and beat the grouped matmuls at every context (8 heads of 32, MQA L128: 8 us vs 19; L1024: 36 vs 42).
     - Otherwise the grouped form, which reads each KV head once for its whole query group (SDPA reads it once per
@@ -151,6 +153,21 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
                                               enable_gqa=G != nh)
     end = min(cache_k.size(2), -(-length // KEY_BUCKET) * KEY_BUCKET) if cpu and reduced else length
     return grouped_attention(q, cache_k[:, :, :end], cache_v[:, :, :end], length)
+
+
+def masked_decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                            pos: torch.Tensor) -> torch.Tensor:
+    """Attention of one new query per row (B, n_head, 1, hd) at position `pos`, a (1,) tensor, against a cache's
+    whole (B, G, max_len, hd) buffers, keys after `pos` masked out: no shape depends on how much of the cache is
+    filled, so a CUDA graph captured once replays at every position (`model.graphed_decode`). K/V stay at G heads:
+    each KV head's n_head/G query heads ride as that head's query rows, (B, G, n_head/G, hd), as in
+    `grouped_attention`, so each cached key and value is read once. It reads all max_len positions every step, where
+    `decode_attention` reads the filled ones: the price of a fixed shape."""
+    B, nh, _, hd = q.shape
+    G, max_len = cache_k.size(1), cache_k.size(2)
+    visible = (torch.arange(max_len, device=q.device) <= pos).view(1, 1, 1, max_len)  # keys 0..pos, every row
+    y = F.scaled_dot_product_attention(q.reshape(B, G, nh // G, hd), cache_k, cache_v, attn_mask=visible)
+    return y.view(B, nh, 1, hd)  # row r of group g is query head g * (n_head / G) + r
 
 
 def expand_kv_for_speed(gqa_backend: str, mha_backend: str) -> bool:

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt_lightning.common.errors import UserError
-from gpt_lightning.model.attention import (GROUPED_MAX_T, choose_sdpa_path, decode_attention, matmul_attention, sdpa,
-                                           takes_matmul_attention)
+from gpt_lightning.model.attention import (GROUPED_MAX_T, choose_sdpa_path, decode_attention, masked_decode_attention,
+                                           matmul_attention, sdpa, takes_matmul_attention)
 from gpt_lightning.model.cpu_matmul import module_linear
 from gpt_lightning.model.kv_cache import KVCache
 from gpt_lightning.model.loss import lm_head_loss
@@ -136,17 +136,23 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh * hd)
         return dropout(self.resid_dropout, module_linear(y, self.c_proj))  # oneDNN in fp32 CPU training
 
-    def decode_one(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+    def decode_one(self, x: torch.Tensor, cache: KVCache, layer: int, pos: torch.Tensor | None = None) -> torch.Tensor:
         """forward() for one new token per row, x (B, C) -> (B, C), against a cache holding >= 1 position: the same
         values with fewer ops (no (B, T, ...) reshapes or transposes; 537 aten ops per token of the 6 x 384 model
         against forward's 754). Decode runs this once per layer per generated token, where each op's dispatch is a
-        visible share of a batch-1 step."""
+        visible share of a batch-1 step. With `pos`, a (1,) tensor, the token goes to that position and attention
+        reads the whole cache, masked after it: fixed shapes, for a CUDA graph (`GPT.static_next_logits`)."""
         B, C = x.shape
         G, hd = self.n_kv_groups, self.head_dim
         qkv = self.c_attn(x)  # (B, C + 2 G hd)
         q = qkv[:, :C].view(B, self.n_head, 1, hd)  # (B, nh, 1, hd)
-        cache.write(layer, qkv[:, C:C + G * hd].view(B, G, 1, hd), qkv[:, C + G * hd:].view(B, G, 1, hd))
-        y = decode_attention(q, *cache.buffers(layer), cache.length + 1)  # (B, nh, 1, hd)
+        k, v = qkv[:, C:C + G * hd].view(B, G, 1, hd), qkv[:, C + G * hd:].view(B, G, 1, hd)
+        if pos is None:
+            cache.write(layer, k, v)
+            y = decode_attention(q, *cache.buffers(layer), cache.length + 1)  # (B, nh, 1, hd)
+        else:
+            cache.write_at(layer, pos, k, v)
+            y = masked_decode_attention(q, *cache.buffers(layer), pos)  # (B, nh, 1, hd)
         return self.c_proj(y.reshape(B, C))  # one position: (B, nh, 1, hd) and (B, 1, nh, hd) share their order
 
     def _expand_kv(self, q, k, v, is_causal: bool) -> bool:
@@ -190,9 +196,9 @@ class Block(nn.Module):
         x = x + self.attn(x, cache, layer, norm=self.ln_1)  # pre-LayerNorm residual blocks
         return x + self.mlp(x, norm=self.ln_2)
 
-    def decode_one(self, x: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+    def decode_one(self, x: torch.Tensor, cache: KVCache, layer: int, pos: torch.Tensor | None = None) -> torch.Tensor:
         """forward() for one new token per row: (B, C) -> (B, C) (see CausalSelfAttention.decode_one)."""
-        x = x + self.attn.decode_one(self.ln_1(x), cache, layer)
+        x = x + self.attn.decode_one(self.ln_1(x), cache, layer, pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -278,6 +284,16 @@ class GPT(nn.Module):
         cache.advance(1)
         return self.lm_head(self.transformer.ln_f(x))[:, : self.config.vocab_size]
 
+    def static_next_logits(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`next_logits` with the new tokens' position as a (1,) tensor on the model's device, and attention over the
+        cache's whole buffers (masked after `pos`): no shape, and no Python value, depends on the position, so a CUDA
+        graph captured once replays it at every step (`gpt_lightning.model.graphed_decode`). It neither checks nor
+        advances `cache.length`: the caller keeps pos < min(max_len, block_size) and advances the cache."""
+        x = self.transformer.wte(tokens) + self.transformer.wpe(pos)  # (B, C) + (1, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block.decode_one(x, cache, i, pos)
+        return self.lm_head(self.transformer.ln_f(x))[:, : self.config.vocab_size]
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids (B, T), or with (B, T) targets the mean next-token loss.
 
@@ -306,11 +322,12 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, cuda_graph: bool = True) -> torch.Tensor:
         """Extend (B, T) token ids by `max_new_tokens` sampled tokens; temperature 0 is greedy.
 
         Decodes with a preallocated KV cache of n_kv_groups heads per layer; the context is cropped to
-        the last `block_size` tokens (see `gpt_lightning.model.sampling.decode`).
+        the last `block_size` tokens (see `gpt_lightning.model.sampling.decode`). On a GPU the steps replay a CUDA
+        graph unless `cuda_graph` is False.
         """
         return decode(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      generator=generator)
+                      generator=generator, cuda_graph=cuda_graph)

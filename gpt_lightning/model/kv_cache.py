@@ -43,6 +43,12 @@ class KVCache:
         self.k[layer].narrow(2, self.length, T).copy_(k)
         self.v[layer].narrow(2, self.length, T).copy_(v)
 
+    def write_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """`write` of one new position given as a (1,) tensor on the cache's device (a CUDA graph's decode step):
+        no Python-side length, no bounds check; the caller keeps pos < max_len (`GraphedDecoder`)."""
+        self.k[layer].index_copy_(2, pos, k)  # (B, G, 1, hd) into position pos
+        self.v[layer].index_copy_(2, pos, v)
+
     def buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's whole (B, G, max_len, hd) key and value buffers (positions past the filled ones are stale)."""
         return self.k[layer], self.v[layer]

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.model.cpu_matmul import onednn_linear, onednn_linear_available
+from gpt_lightning.model.graphed_decode import decode_step
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -103,12 +104,13 @@ def cpu_matvec_layout(model: nn.Module, rows: int = 1, layout: str = "onednn"):
 @torch.no_grad()
 def stream_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None,
-                  generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                  generator: torch.Generator | None = None, cuda_graph: bool = True) -> Iterator[torch.Tensor]:
     """Yield each new (B,) token batch for (B, T) prompt ids, decoding with a preallocated KV cache.
 
     Only the last position's logits are computed per step. Positions are learned, so once the context
     fills block_size the cache is rebuilt from the last block_size tokens each step: exactly what an
     uncached model cropping its input to block_size would compute. The model is in eval mode meanwhile.
+    On a GPU each step replays a CUDA graph unless `cuda_graph` is False (`graphed_decode.decode_step`).
     """
     check_sampling(temperature, top_k, top_p)
     if idx.dim() != 2 or idx.size(1) == 0:
@@ -117,17 +119,19 @@ def stream_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     model.eval()
     try:
         with cpu_matvec_layout(model, rows=idx.size(0)):
-            yield from _decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, generator)
+            yield from _decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, generator, cuda_graph)
     finally:
         model.train(was_training)
 
 
-def _decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, generator) -> Iterator[torch.Tensor]:
+def _decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, generator,
+                  cuda_graph) -> Iterator[torch.Tensor]:
     B, T = idx.shape
     bs = model.config.block_size
     seq = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)  # allocated once
     seq[:, :T] = idx
     cache = model.new_cache(B)
+    step = decode_step(model, cache, cuda_graph)  # tokens (B,) -> logits (B, vocab), the cache advanced by one
     logits = model.last_logits(idx[:, -bs:], cache)  # prefill: (B, vocab), the LM head on the last position only
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -139,14 +143,16 @@ def _decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, generat
             cache.reset()
             logits = model.last_logits(seq[:, T + i + 1 - bs: T + i + 1], cache)
         else:
-            logits = model.next_logits(nxt, cache)  # (B, vocab)
+            logits = step(nxt)  # (B, vocab)
 
 
 def decode(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+           top_p: float | None = None, generator: torch.Generator | None = None,
+           cuda_graph: bool = True) -> torch.Tensor:
     """(B, T) prompt ids extended to (B, T + max_new_tokens); see `stream_tokens`."""
     out = torch.empty(idx.size(0), idx.size(1) + max_new_tokens, dtype=idx.dtype, device=idx.device)
     out[:, : idx.size(1)] = idx
-    for i, nxt in enumerate(stream_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, generator)):
+    for i, nxt in enumerate(stream_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, generator,
+                                                 cuda_graph)):
         out[:, idx.size(1) + i] = nxt
     return out

@@ -161,6 +161,7 @@ class BenchSection:  # conf/bench.yaml
     memory_budget_gb: float = MISSING
     plots: bool = MISSING
     threads: Optional[int] = MISSING
+    cuda_graph: bool = MISSING
     json: str = MISSING
 
 
@@ -178,6 +179,7 @@ class DecodeSection:  # conf/evaluate.yaml
     contexts: Optional[List[int]] = None
     grid_new_tokens: int = 32
     memory_budget_gb: float = 1.0
+    cuda_graph: bool = True
 
 
 @dataclass
@@ -217,6 +219,7 @@ class GenerateConfig:
     top_p: Optional[float] = MISSING
     seed: Optional[int] = MISSING
     device: str = MISSING
+    cuda_graph: bool = MISSING
 
 
 OPEN = (TrainerConfig,)  # nodes that take keys the schema does not list (checked elsewhere: check_config)
