@@ -9,13 +9,17 @@ it, and fp32):
 - which backend(s) the model's own training step dispatched to (profiler, aten op names);
 - training tokens/s and step time of the bare loop (fused AdamW, clipping), MFU against the card's dense spec peak.
 Then decode tokens/s per variant and batch size at the end of the context (the last `--decode-new` positions of
-block_size), prefill excluded, with the bytes one decode step must read (weights + KV cache).
+block_size), prefill excluded, with the bytes one decode step must read (weights + KV cache); on a GPU both
+replayed from a CUDA graph and launched eagerly (`cuda_graph`), in alternating repeats.
+First, once: the fused LM head + loss alone at the training step's rows, per chunk size, against the unfused head
+(`loss_probe`: ms per forward + backward, peak allocation), in each training dtype.
 Writes a run record (kind "bench", the tables under `details`) after every variant, so a timeout keeps what ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -23,6 +27,7 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -33,7 +38,8 @@ from gpt_lightning.measure.limits import spec_peak  # noqa: E402
 from gpt_lightning.measure.sdpa_backends import accepted_backends, backends_that_ran, sdpa_inputs  # noqa: E402
 from gpt_lightning.measure.timing import sync  # noqa: E402
 from gpt_lightning.measure.training_speed import TrainContender  # noqa: E402
-from gpt_lightning.model import GPT, kv_cache_bytes_per_token  # noqa: E402
+from gpt_lightning.model import GPT, kv_cache_bytes_per_token, lm_head_loss  # noqa: E402
+from gpt_lightning.model.loss import chunk_rows_for  # noqa: E402
 from gpt_lightning.model.optim import make_optimizer  # noqa: E402
 from gpt_lightning.model.sampling import stream_tokens  # noqa: E402
 from gpt_lightning.training.model_config import gpt_config_from_cfg  # noqa: E402
@@ -81,11 +87,11 @@ def train_probe(config, dtype, batch: int, steps: int, warmup: int, optim: dict,
             "spec_peak_flops": peak, "mfu_spec": tokens_per_sec * flops / peak if peak else None}
 
 
-def decode_step_seconds(model, prompt: torch.Tensor, new: int) -> float:
+def decode_step_seconds(model, prompt: torch.Tensor, new: int, cuda_graph: bool = True) -> float:
     """Seconds per decode step of the public cached decode loop (`stream_tokens`, greedy): the clock starts at the
     first yielded token, after the prefill, and stops after the last, so only the `new - 1` one-token steps
-    against the KV cache are timed."""
-    steps = stream_tokens(model, prompt, new, temperature=0)
+    against the KV cache are timed (on a GPU the first step, which captures the graph, is not among them)."""
+    steps = stream_tokens(model, prompt, new, temperature=0, cuda_graph=cuda_graph)
     next(steps)
     sync(prompt.device)
     start = time.perf_counter()
@@ -105,15 +111,80 @@ def decode_probe(config, dtype, batches: list[int], new: int, repeats: int, devi
     kv_per_token = kv_cache_bytes_per_token(config.n_layer, config.n_kv_groups, config.head_dim, dtype)
     mean_len = prompt_len + new / 2  # mean cache length over the timed steps
     rows = []
+    modes = [True, False] if device.type == "cuda" else [False]  # graphed and eager alternate on a GPU
     for b in batches:
         prompt = torch.randint(0, config.vocab_size, (b, prompt_len), device=device)
-        decode_step_seconds(model, prompt, min(new, 8))  # warm-up
-        step = statistics.median(decode_step_seconds(model, prompt, new) for _ in range(repeats))
-        rows.append({"batch": b, "context": config.block_size, "step_ms": step * 1e3, "tokens_per_sec": b / step,
-                     "bytes_per_step": weights + kv_per_token * mean_len * b,
-                     "kv_bytes_per_step": kv_per_token * mean_len * b, "weight_bytes": weights})
+        times: dict[bool, list[float]] = {graph: [] for graph in modes}
+        for graph in modes:
+            decode_step_seconds(model, prompt, min(new, 8), graph)  # warm-up
+        for _ in range(repeats):
+            for graph in modes:
+                times[graph].append(decode_step_seconds(model, prompt, new, graph))
+        for graph, seconds in times.items():
+            step = statistics.median(seconds)
+            rows.append({"batch": b, "context": config.block_size, "cuda_graph": graph, "step_ms": step * 1e3,
+                         "tokens_per_sec": b / step, "bytes_per_step": weights + kv_per_token * mean_len * b,
+                         "kv_bytes_per_step": kv_per_token * mean_len * b, "weight_bytes": weights})
         del prompt
     del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+LOSS_CHUNK_ROWS = (None, 2048, 4096, 8192)  # None: lm_head_loss's default, CHUNK_ELEMENTS // padded vocab
+
+
+def loss_probe(config, dtype, n_rows: int, repeats: int, device) -> list[dict]:
+    """The fused LM head + loss (`lm_head_loss`, as the training step runs it: fp32 weight, bf16 autocast or fp32)
+    alone, forward + backward at the training step's n_rows = batch x block_size rows, for each chunk size in
+    LOSS_CHUNK_ROWS, against the unfused head (the whole (N, V) logits, then `F.cross_entropy`). Per variant: ms per
+    call (median, min-max of `repeats` interleaved rounds) and, on CUDA, the peak allocation above what was
+    allocated before the call. Why: on an H100 the bench's bf16 step ran slower with the fused head (25 chunks of
+    656 rows at 16 x 1024) than with the unfused one; this says which chunk size, if any, recovers it."""
+    torch.manual_seed(0)
+    V, C, vocab = config.padded_vocab_size, config.n_embd, config.vocab_size
+    w = (torch.randn(V, C, device=device) * 0.02).requires_grad_()  # (V, C), fp32 as the model's weight
+    h = torch.randn(n_rows, C, device=device).requires_grad_()  # (N, C) final hidden states
+    t = torch.randint(0, vocab, (n_rows,), device=device)
+    variants = {}
+    for rows in LOSS_CHUNK_ROWS:
+        per_chunk = chunk_rows_for(n_rows, V, rows)
+        variants.setdefault(per_chunk, lambda r=per_chunk: lm_head_loss(h, w, t, vocab, chunk_rows=r))
+    variants["unfused"] = lambda: F.cross_entropy(F.linear(h, w)[:, :vocab].float(), t)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16
+                else contextlib.nullcontext())
+
+    def call(fn) -> float:
+        h.grad = w.grad = None
+        sync(device)
+        start = time.perf_counter()
+        with autocast:
+            loss = fn()
+        loss.backward()
+        sync(device)
+        return time.perf_counter() - start
+
+    peaks = {}
+    for key, fn in variants.items():  # warm-up, and the peak allocation of one call
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        call(fn)
+        peaks[key] = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+    times: dict = {key: [] for key in variants}
+    for _ in range(repeats):
+        for key, fn in variants.items():
+            times[key].append(call(fn))
+    rows = []
+    for key, seconds in times.items():
+        rows.append({"head": "unfused" if key == "unfused" else "fused", "rows": n_rows,
+                     "chunk_rows": None if key == "unfused" else key,
+                     "chunks": None if key == "unfused" else -(-n_rows // key),
+                     "ms": statistics.median(seconds) * 1e3, "ms_min": min(seconds) * 1e3,
+                     "ms_max": max(seconds) * 1e3, "peak_bytes": peaks[key]})
+    del w, h, t
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -130,6 +201,7 @@ def main() -> None:
     ap.add_argument("--decode-repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=None, help="training batch (default: data.batch_size)")
     ap.add_argument("--dtypes", default="bf16,fp32", help="training dtypes to probe (bf16 only where native)")
+    ap.add_argument("--loss-repeats", type=int, default=3, help="interleaved rounds of the LM head + loss probe")
     args, overrides = ap.parse_known_args()
     from omegaconf import OmegaConf
 
@@ -145,9 +217,27 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     details = {"shape": {"n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd, "n_head": cfg.attention.n_heads,
                          "block_size": cfg.model.block_size, "batch_size": batch, "vocab": vocab},
-               "torch": torch.__version__, "training": [], "decode": [], "errors": []}
+               "torch": torch.__version__, "training": [], "decode": [], "loss": [], "errors": []}
     record = RunRecord(kind="bench", device=name, encoding=cfg.data.encoding, details=details,
                        precision="bf16-mixed" if bf16 else "32-true")
+    loss_config = variant_config(cfg, cfg.attention.n_heads, vocab)
+    for dtype in dtypes:
+        started = time.perf_counter()
+        label = "bf16" if dtype == torch.bfloat16 else "fp32"
+        try:
+            for r in loss_probe(loss_config, dtype, batch * cfg.model.block_size, args.loss_repeats, device):
+                details["loss"].append({"dtype": str(dtype).removeprefix("torch."), **r})
+                chunks = "unfused" if r["head"] == "unfused" else f"{r['chunks']} x {r['chunk_rows']} rows"
+                peak = f", peak +{r['peak_bytes'] / 1e9:.2f} GB" if r["peak_bytes"] is not None else ""
+                print(f"LM head + loss {label} {chunks}: {r['ms']:.1f} ms ({r['ms_min']:.1f}-{r['ms_max']:.1f}){peak}",
+                      flush=True)
+        except Exception as e:
+            details["errors"].append(f"loss {label}: {type(e).__name__}: {str(e)[:300]}")
+            traceback.print_exc()
+        print(f"  ({time.perf_counter() - started:.1f}s)", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        record.save(args.out)
     for kv in (int(k) for k in args.kv.split(",")):
         config = variant_config(cfg, kv, vocab)
         for dtype in dtypes:
@@ -174,7 +264,8 @@ def main() -> None:
             for r in rows:
                 details["decode"].append({"attention": config.attention, "kv_groups": kv,
                                           "dtype": str(decode_dtype).removeprefix("torch."), **r})
-                print(f"decode {config.attention} kv={kv} b{r['batch']}: {r['tokens_per_sec']:.0f} tokens/s, "
+                print(f"decode {config.attention} kv={kv} b{r['batch']}{' graph' if r['cuda_graph'] else ''}: "
+                      f"{r['tokens_per_sec']:.0f} tokens/s, "
                       f"{r['step_ms']:.2f} ms/step, {r['bytes_per_step'] / 1e6:.0f} MB/step", flush=True)
             print(f"  ({time.perf_counter() - started:.1f}s)", flush=True)
         except Exception as e:

@@ -205,17 +205,28 @@ def check_probe(S: Summary, work: Path, s: dict, gpu: bool) -> None:
             S.add(f"train step {r['attention']} kv={r['kv_groups']} {dtype}", "INFO",
                   f"{r['step_ms']:.1f} ms, {fmt_rate(r['tokens_per_sec'])} tokens/s, MFU {pct(r['mfu_spec'])}",
                   f"bare loop, batch {d['shape']['batch_size']} x {d['shape']['block_size']}")
-    dec = {(r["attention"], r["batch"]): r for r in d.get("decode", [])}
-    for (att, b), r in sorted(dec.items()):
-        S.add(f"decode {att} b{b}", "INFO", f"{fmt_rate(r['tokens_per_sec'])} tokens/s ({r['step_ms']:.2f} ms/step)",
-              f"context {r['context']}, {r['dtype']}, {r['bytes_per_step'] / 1e6:.1f} MB read per step")
-    big = max((b for _, b in dec), default=None)
-    if big is not None and ("mha", big) in dec and ("mqa", big) in dec:
-        mha, mqa = dec[("mha", big)], dec[("mqa", big)]
-        speedup = mqa["tokens_per_sec"] / mha["tokens_per_sec"]
-        ideal = mha["bytes_per_step"] / mqa["bytes_per_step"]
-        S.add(f"decode mqa/mha b{big}", "INFO", f"{speedup:.2f}x vs bytes ratio {ideal:.2f}x",
-              f"achieved {speedup / ideal:.0%} of the memory-bound ideal")
+    for r in d.get("loss", []):  # the LM head + loss alone, per chunk size, against the unfused head
+        what = "unfused" if r["head"] == "unfused" else f"fused {r['chunks']} x {r['chunk_rows']} rows"
+        peak = f", peak +{r['peak_bytes'] / 1e9:.2f} GB" if r.get("peak_bytes") is not None else ""
+        S.add(f"lm head + loss {r['dtype']} {what}", "INFO",
+              f"{r['ms']:.1f} ms ({r['ms_min']:.1f}-{r['ms_max']:.1f}){peak}",
+              f"forward + backward alone at {r['rows']} rows")
+    # (attention, batch, replayed from a CUDA graph?); records from before the graph have no key: eager
+    dec = {(r["attention"], r["batch"], r.get("cuda_graph", False)): r for r in d.get("decode", [])}
+    for (att, b, graph), r in sorted(dec.items()):
+        S.add(f"decode {att} b{b}{' graph' if graph else ''}", "INFO",
+              f"{fmt_rate(r['tokens_per_sec'])} tokens/s ({r['step_ms']:.2f} ms/step)",
+              f"context {r['context']}, {r['dtype']}, {r['bytes_per_step'] / 1e6:.1f} MB read per step, "
+              + ("replayed from a CUDA graph" if graph else "eager kernels"))
+    big = max((b for _, b, _ in dec), default=None)
+    for graph in (True, False):
+        if big is not None and ("mha", big, graph) in dec and ("mqa", big, graph) in dec:
+            mha, mqa = dec[("mha", big, graph)], dec[("mqa", big, graph)]
+            speedup = mqa["tokens_per_sec"] / mha["tokens_per_sec"]
+            ideal = mha["bytes_per_step"] / mqa["bytes_per_step"]
+            S.add(f"decode mqa/mha b{big}{' graph' if graph else ''}", "INFO",
+                  f"{speedup:.2f}x vs bytes ratio {ideal:.2f}x",
+                  f"achieved {speedup / ideal:.0%} of the memory-bound ideal")
 
 
 def check_real_run(S: Summary, work: Path, s: dict, real_steps: int, resume_steps: int, batch_real: int | None) -> None:
