@@ -125,7 +125,7 @@ step pytest_gpu 150 30 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_
   --junitxml="$WORK/pytest_gpu.xml"
 
 # --- 4. attention kernels, step time per variant, decode grid ---------------------------------------------------------
-step probe 120 40 "$PY" tests/gpu/probe.py "$WORK/probe.json" "${SHAPE[@]}" data.batch_size=$B \
+step probe 150 40 "$PY" tests/gpu/probe.py "$WORK/probe.json" "${SHAPE[@]}" data.batch_size=$B \
   data.encoding=$PROBE_ENCODING "${PROBE[@]}"
 
 # --- 5. the bench entry point (issue 11): training MFU and SDPA path per precision, peak memory of every contender
