@@ -38,6 +38,7 @@ from gpt_lightning.measure.step_memory import measure_in_subprocess
 from gpt_lightning.measure.timing import summarize, time_decode
 from gpt_lightning.measure.training_speed import TrainContender
 from gpt_lightning.model import GPT, GPTConfig, kv_cache_bytes_per_token
+from gpt_lightning.model import graphed_decode
 from gpt_lightning.model.optim import make_optimizer
 from gpt_lightning.training.config_checks import check_bench, check_config
 from gpt_lightning.training.config_errors import one_line_config_errors
@@ -309,7 +310,7 @@ def bench(cfg: DictConfig) -> RunRecord:
         "step_breakdown": breakdown,
         "decode_tokens_per_sec": {k: summarize(v) for k, v in decode.items()},
         "decode_read_limit_b1": read_limit,
-        "decode_cuda_graph": graphed,
+        "decode_cuda_graph": graphed and not graphed_decode.capture_failures,  # requested, and none failed
         "decode_linears": linears,
         "kv_cache_bytes_per_token": {
             "configured": kv_cache_bytes_per_token(config.n_layer, config.n_kv_groups, config.head_dim),

@@ -1,6 +1,9 @@
 """CUDA twins of the inference tests (issue 11): grouped decode, the fused LM-head loss, the SDPA path choice.
 Run by `bash tests/gpu/check.sh` on a GPU machine (`pytest -m gpu`); skipped where there is no CUDA."""
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 
@@ -69,36 +72,52 @@ def test_gqa_training_never_takes_a_slower_sdpa_backend_than_mha(dtype):
     assert BACKEND_RANK[path.split()[0]] <= BACKEND_RANK[mha]
 
 
+@contextlib.contextmanager
+def no_capture_failure():
+    """A failed or empty graph capture's warnings, as errors: graph tests must not pass on the eager fallback."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CUDA graph capture of the decode step failed")
+        warnings.filterwarnings("error", message=".*CUDA Graph is empty")
+        yield
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv", [8, 2, 1])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cuda_graph_decode_equals_the_eager_step(kv, batch, dtype):
-    import warnings
-
     from gpt_lightning.model.graphed_decode import GraphedDecoder
 
-    model = tiny(kv).to(dtype).eval()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=1000, block_size=200, n_layer=2, n_head=8, n_kv_groups=kv, n_embd=128))
+    model = model.cuda().to(dtype).eval()
     prompt = torch.randint(0, 1000, (batch, 8), device="cuda")
     eager, graphed = model.new_cache(batch), model.new_cache(batch)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error")  # a failed capture warns and falls back: that would fail here
+    with torch.no_grad(), no_capture_failure():
         model.last_logits(prompt, eager), model.last_logits(prompt, graphed)
         step = GraphedDecoder(model, graphed)
         tokens = prompt[:, -1]
-        for _ in range(64 - 8):  # to the end of the cache
+        for _ in range(200 - 8):  # to the end of the cache, through the key buckets 64, 128 and 200
             want, got = model.next_logits(tokens, eager), step(tokens).clone()
             tol = 1e-5 if dtype == torch.float32 else 0.05
             torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
             tokens = want.float().argmax(-1)
-    assert step.graph is not None  # replayed from the graph, not the eager fallback
-    assert graphed.length == eager.length == 64
-    assert all(k.shape == (batch, kv, 64, 16) for k in graphed.k + graphed.v)
+    assert step.graphed and sorted(step.graphs) == [64, 128, 200]  # replayed from three graphs, no fallback
+    assert graphed.length == eager.length == 200
+    assert all(k.shape == (batch, kv, 200, 16) for k in graphed.k + graphed.v)
 
 
-@pytest.mark.parametrize("kv", [8, 1])
-def test_generate_with_a_cuda_graph_equals_eager_past_block_size(kv):
+@pytest.mark.parametrize("kv", [8, 2, 1])
+def test_generate_with_a_cuda_graph_equals_eager_past_block_size_and_reuses_its_graphs(kv):
+    from gpt_lightning.model import graphed_decode
+
     model = tiny(kv).eval()
     prompt = torch.randint(0, 1000, (2, 40), device="cuda")
-    graphed = model.generate(prompt, 60, temperature=0)  # 100 > block_size 64: re-prefills into the graph's cache
+    with no_capture_failure():
+        graphed = model.generate(prompt, 60, temperature=0)  # 100 > block_size 64: re-prefills into its cache
+        decoder = graphed_decode._shared[model][2]
+        captured = dict(decoder.graphs)
+        again = model.generate(prompt, 60, temperature=0)
     eager = model.generate(prompt, 60, temperature=0, cuda_graph=False)
-    assert torch.equal(graphed, eager)
+    assert torch.equal(graphed, eager) and torch.equal(again, eager)
+    assert decoder.graphed and captured and graphed_decode._shared[model][2] is decoder
+    assert decoder.graphs == captured  # the second decode replayed the first one's graphs, capturing none

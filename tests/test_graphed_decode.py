@@ -2,13 +2,15 @@
 against the eager `next_logits`; the capture itself is checked by the CUDA twins in tests/test_gpu_inference.py."""
 
 import functools
+import gc
+import weakref
 
 import pytest
 import torch
 
-from gpt_lightning.model import GPT, GPTConfig
+from gpt_lightning.model import GPT, GPTConfig, KVCache, graphed_decode
 from gpt_lightning.model.attention import masked_decode_attention
-from gpt_lightning.model.graphed_decode import GraphedDecoder, decode_step
+from gpt_lightning.model.graphed_decode import GraphedDecoder, decode_step, key_bucket, shared_decoder
 from gpt_lightning.model.sampling import decode
 
 ATTENTIONS = {"mha": 4, "gqa": 2, "mqa": 1}  # kv_groups at 4 heads
@@ -40,28 +42,45 @@ def test_masked_decode_attention_equals_attention_over_the_filled_positions(kv_g
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_key_buckets_are_powers_of_two_from_the_minimum_up_to_the_cache():
+    assert [key_bucket(n, 160) for n in (1, 64, 65, 128, 129, 160)] == [64, 64, 128, 128, 160, 160]
+    assert key_bucket(5, 16) == 16  # a cache shorter than the smallest bucket: the whole cache
+    assert key_bucket(1000, 1024) == 1024 and key_bucket(513, 2048) == 1024
+
+
+def test_masked_decode_attention_takes_the_strided_output_of_cuda_kernels(monkeypatch):
+    """CUDA's fused SDPA kernels return (B, G, R, hd) laid out as (B, R, G, hd); a view cannot merge G and R then."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16)  # GQA: G = 2, R = 4
+    want = masked_decode_attention(q, k, v, torch.tensor([7]))
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2))
+    torch.testing.assert_close(masked_decode_attention(q, k, v, torch.tensor([7])), want, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
 def test_static_decode_step_equals_next_logits(kv_groups, batch):
-    model = tiny(kv_groups)
+    model = tiny(kv_groups, block_size=160)  # key buckets 64, 128 and 160 (the whole cache)
     prompt = torch.randint(0, 100, (batch, 4))
     eager, static = model.new_cache(batch), model.new_cache(batch)
     with torch.no_grad():
         model.last_logits(prompt, eager), model.last_logits(prompt, static)
-        step = GraphedDecoder(model, static, graph=False)  # the graph's step, run eagerly
+        step = GraphedDecoder(model, static, graph=False)  # the graphs' bucketed step, run eagerly
         tokens = torch.randint(0, 100, (batch,))
-        for _ in range(16 - 4):  # up to block_size
+        for _ in range(160 - 4):  # up to block_size, through every bucket
             want, got = model.next_logits(tokens, eager), step(tokens)
             assert got.shape == (batch, 100)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             assert static.length == eager.length
             tokens = want.argmax(-1)
         for k, k_ref in zip(static.k + static.v, eager.k + eager.v):
-            assert k.shape == (batch, kv_groups, 16, 8)  # the cache keeps its G heads
+            assert k.shape == (batch, kv_groups, 160, 8)  # the cache keeps its G heads
             torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-5)  # layer 2's inputs went through attention
-        with pytest.raises(ValueError, match="17 tokens exceeds the cache's 16 positions"):
+        with pytest.raises(ValueError, match="161 tokens exceeds the cache's 160 positions"):
             step(tokens)
-    assert static.length == 16  # the refused step wrote nothing and did not advance
+    assert static.length == 160  # the refused step wrote nothing and did not advance
 
 
 def test_static_decode_step_stays_close_in_bf16():
@@ -84,16 +103,72 @@ def test_decoder_on_an_empty_cache_prefills_as_next_logits_does():
     assert a.length == b.length == 1
 
 
-def test_decoder_stops_at_a_cache_shorter_than_block_size():
+def test_decoder_over_a_cache_shorter_than_block_size_decodes_to_its_end():
     model = tiny(2)
-    cache = model.new_cache(1)
-    cache.max_len = 6  # as the decode grid's caches: context + new tokens, fewer than block_size
+    c = model.config
+    # as the decode grid's caches: context + new tokens, fewer than block_size
+    short = KVCache(c.n_layer, 2, c.n_kv_groups, 7, c.head_dim)
+    full = model.new_cache(2)
+    prompt = torch.randint(0, 100, (2, 5))
     with torch.no_grad():
-        model.last_logits(torch.randint(0, 100, (1, 5)), cache)
-        step = GraphedDecoder(model, cache, graph=False)
-        step(torch.tensor([1]))
-        with pytest.raises(ValueError, match="7 tokens exceeds the cache's 6 positions"):
-            step(torch.tensor([2]))
+        model.last_logits(prompt, short), model.last_logits(prompt, full)
+        step = GraphedDecoder(model, short, graph=False)
+        for token in (1, 2):
+            tokens = torch.tensor([token, token + 1])
+            torch.testing.assert_close(step(tokens), model.next_logits(tokens, full), atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="8 tokens exceeds the cache's 7 positions"):
+            step(torch.tensor([3, 4]))
+
+
+def test_a_failed_capture_warns_once_and_every_later_step_is_next_logits(monkeypatch):
+    model = tiny(2)
+    prompt = torch.randint(0, 100, (2, 4))
+    ours, ref = model.new_cache(2), model.new_cache(2)
+    failures = []
+    monkeypatch.setattr(graphed_decode, "capture_failures", failures)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    step = GraphedDecoder(model, ours)
+    step.use_graph = True  # as on a GPU, whose capture then fails
+
+    def broken_capture(keys):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(step, "_capture", broken_capture)
+    monkeypatch.setattr(step, "_step", lambda view: pytest.fail("the fixed-shape step ran after the failure"))
+    with torch.no_grad():
+        model.last_logits(prompt, ours), model.last_logits(prompt, ref)
+        tokens = torch.tensor([5, 6])
+        with pytest.warns(RuntimeWarning, match="capture of the decode step failed .operation not permitted"):
+            torch.testing.assert_close(step(tokens), model.next_logits(tokens, ref))
+        for _ in range(3):  # no retry, no second warning: eager next_logits
+            torch.testing.assert_close(step(tokens), model.next_logits(tokens, ref))
+    assert failures == ["operation not permitted when stream is capturing"]
+    assert step.failed and not step.graphed and ours.length == ref.length == 8
+
+
+def test_shared_decoder_is_kept_per_model_and_batch_and_rebuilt_when_it_cannot_serve():
+    model = tiny(2)
+    with shared_decoder(model, 2) as first:
+        first.cache.length = 5  # a decode left it filled
+    with shared_decoder(model, 2) as again:
+        assert again is first and again.cache.length == 0  # kept, and emptied for the next decode
+        with shared_decoder(model, 2) as nested:  # a second decode running meanwhile: a cache of its own
+            assert nested is not first
+    with shared_decoder(model, 3) as other:
+        assert other is not first and other.cache.k[0].size(0) == 3
+    model.to(torch.bfloat16)  # the weights moved: graphs captured on the old ones would read freed memory
+    with shared_decoder(model, 2) as moved:
+        assert moved is not first and moved.cache.k[0].dtype == torch.bfloat16
+
+
+def test_shared_decoders_do_not_keep_their_model_alive():
+    model = tiny(2)
+    with shared_decoder(model, 1):
+        pass
+    assert len(graphed_decode._shared) >= 1
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
 
 
 def test_decode_step_is_the_eager_next_logits_on_a_cpu():

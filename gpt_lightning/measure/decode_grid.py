@@ -25,6 +25,7 @@ from gpt_lightning.measure.decode_linears import linear_bytes_and_flops
 from gpt_lightning.measure.limits import bracketed
 from gpt_lightning.measure.timing import summarize, sync
 from gpt_lightning.model import GPT, KVCache
+from gpt_lightning.model import graphed_decode
 from gpt_lightning.model.graphed_decode import decode_step
 from gpt_lightning.model.sampling import cpu_matvec_layout, sample_next
 
@@ -123,8 +124,9 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
     after every (round, cell), and each round's fraction is against the mean of the two (`limits.bracketed`).
     `peak` is FLOP/s or a probe: then it is measured before and after every round (a 2048^3 product takes ~1 s
     to time on a CPU, too long to take beside every cell), each round's roofline against the mean of the two.
-    On a GPU the steps replay a CUDA graph unless `cuda_graph` is False (rows say which: `cuda_graph`); a graph's
-    attention reads the whole cache of context + new_tokens positions, up to new_tokens / context more than the
+    On a GPU the steps replay CUDA graphs unless `cuda_graph` is False (rows say whether they did: `cuda_graph`); a
+    graph's attention reads a key bucket of the cache (`graphed_decode.key_bucket`), which here is at most the
+    context + new_tokens positions the cell's cache holds: up to new_tokens / context more than the
     `bytes_read_per_step` counted at the context.
     """
     for m in models:
@@ -153,12 +155,14 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
         if peak and bandwidth:
             peaks.append((peak_before + peak_probe()) / 2)
         log(f"decode grid round {r + 1}/{repeats} done")
+    # graphs requested on a GPU, and none of this process's captures failed (a failure falls back to eager steps)
+    graphs_ran = cuda_graph and models[0].lm_head.weight.is_cuda and not graphed_decode.capture_failures
     rows = []
     for (i, b, L), values in rates.items():
         m = models[i]
         c, read = m.config, bytes_read_per_step(m, b, L)
         row = {"kv_groups": c.n_kv_groups, "attention": c.attention, "n_head": c.n_head, "batch": b, "context": L,
-               "new_tokens": new_tokens, "cuda_graph": cuda_graph and m.lm_head.weight.is_cuda,
+               "new_tokens": new_tokens, "cuda_graph": graphs_ran,
                "dtype": str(m.lm_head.weight.dtype).removeprefix("torch."),
                "tokens_per_sec": summarize(values), "kv_cache_bytes": b * L * cache_bytes_per_token(m),
                "weight_bytes": decode_weight_bytes(m), "bytes_read_per_step": read}

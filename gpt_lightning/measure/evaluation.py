@@ -14,6 +14,7 @@ from gpt_lightning.measure import decode_grid as grid
 from gpt_lightning.measure.limits import bandwidth_probe, matmul_peak
 from gpt_lightning.measure.memory import peak_memory
 from gpt_lightning.measure.timing import decode_tokens_per_sec
+from gpt_lightning.model import graphed_decode
 from gpt_lightning.training.checkpoints import load_checkpoint, load_gpt
 from gpt_lightning.training.run_record import RunRecord
 
@@ -80,7 +81,8 @@ def evaluate_checkpoint(path: str | Path, device: torch.device, data_overrides: 
     decode = {f"b{b}": decode_tokens_per_sec(model, prompt.expand(b, -1).contiguous(), new, repeats, cuda_graph)
               for b in batch_sizes}
     details = {"decode_tokens_per_sec_by_batch": decode, "decode_prompt_tokens": prompt_len,
-               "decode_cuda_graph": cuda_graph and device.type == "cuda",
+               # graphs requested on a GPU, and no capture failed (a failure falls back to eager steps)
+               "decode_cuda_graph": cuda_graph and device.type == "cuda" and not graphed_decode.capture_failures,
                "decode_new_tokens": new, "test_tokens": len(dm.datasets["test"]) * c.block_size}
     if contexts:
         text = dm.datasets["test"][0][0][None].to(device)  # (1, block_size) real tokens to prefill from

@@ -7,7 +7,7 @@ where that buys SDPA a faster kernel (below). The paths:
   (B, G, L, hd): plain batched matmuls that read each cached key and value once per step; SDPA or an fp32 copy of a
   small cache where the dev CPU measured that faster;
 - a decode step replayed from a CUDA graph (GPUs): `masked_decode_attention`, the same grouped layout through one
-  SDPA call over the cache's whole buffers, keys after the position masked (fixed shapes);
+  SDPA call over a fixed prefix of the cache's buffers, keys after the position masked (fixed shapes);
 - training on the CPU in bf16 up to MATMUL_ATTENTION_MAX_T positions: `matmul_attention`, the same grouped layout
   as two matmuls around an fp32 softmax (the CPU flash kernel's bf16 backward is slow there);
 - training otherwise, and prefill: SDPA. Its fused kernels do not all take `enable_gqa` (on CUDA, flash and cuDNN
@@ -157,17 +157,18 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
 
 def masked_decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                             pos: torch.Tensor) -> torch.Tensor:
-    """Attention of one new query per row (B, n_head, 1, hd) at position `pos`, a (1,) tensor, against a cache's
-    whole (B, G, max_len, hd) buffers, keys after `pos` masked out: no shape depends on how much of the cache is
-    filled, so a CUDA graph captured once replays at every position (`model.graphed_decode`). K/V stay at G heads:
-    each KV head's n_head/G query heads ride as that head's query rows, (B, G, n_head/G, hd), as in
-    `grouped_attention`, so each cached key and value is read once. It reads all max_len positions every step, where
-    `decode_attention` reads the filled ones: the price of a fixed shape."""
+    """Attention of one new query per row (B, n_head, 1, hd) at position `pos`, a (1,) tensor, against (B, G, L, hd)
+    cache buffers (L >= pos + 1), keys after `pos` masked out: no shape depends on how much of the cache is filled,
+    so a CUDA graph captured once replays at every position up to L (`model.graphed_decode`, which passes a key
+    bucket's prefix of the cache). K/V stay at G heads: each KV head's n_head/G query heads ride as that head's
+    query rows, (B, G, n_head/G, hd), as in `grouped_attention`, so each cached key and value is read once. It reads
+    all L positions every step, where `decode_attention` reads the filled ones: the price of a fixed shape."""
     B, nh, _, hd = q.shape
-    G, max_len = cache_k.size(1), cache_k.size(2)
-    visible = (torch.arange(max_len, device=q.device) <= pos).view(1, 1, 1, max_len)  # keys 0..pos, every row
+    G, L = cache_k.size(1), cache_k.size(2)
+    visible = (torch.arange(L, device=q.device) <= pos).view(1, 1, 1, L)  # keys 0..pos, every row
     y = F.scaled_dot_product_attention(q.reshape(B, G, nh // G, hd), cache_k, cache_v, attn_mask=visible)
-    return y.view(B, nh, 1, hd)  # row r of group g is query head g * (n_head / G) + r
+    # reshape, not view: CUDA's fused kernels return (B, G, R, hd) laid out as (B, R, G, hd), which no view merges
+    return y.reshape(B, nh, 1, hd)  # row r of group g is query head g * (n_head / G) + r
 
 
 def expand_kv_for_speed(gqa_backend: str, mha_backend: str) -> bool:

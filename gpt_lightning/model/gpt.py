@@ -141,7 +141,7 @@ class CausalSelfAttention(nn.Module):
         values with fewer ops (no (B, T, ...) reshapes or transposes; 537 aten ops per token of the 6 x 384 model
         against forward's 754). Decode runs this once per layer per generated token, where each op's dispatch is a
         visible share of a batch-1 step. With `pos`, a (1,) tensor, the token goes to that position and attention
-        reads the whole cache, masked after it: fixed shapes, for a CUDA graph (`GPT.static_next_logits`)."""
+        reads all of the cache's buffers, masked after it: fixed shapes, for a CUDA graph (`GPT.static_next_logits`)."""
         B, C = x.shape
         G, hd = self.n_kv_groups, self.head_dim
         qkv = self.c_attn(x)  # (B, C + 2 G hd)
@@ -285,10 +285,11 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))[:, : self.config.vocab_size]
 
     def static_next_logits(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """`next_logits` with the new tokens' position as a (1,) tensor on the model's device, and attention over the
-        cache's whole buffers (masked after `pos`): no shape, and no Python value, depends on the position, so a CUDA
-        graph captured once replays it at every step (`gpt_lightning.model.graphed_decode`). It neither checks nor
-        advances `cache.length`: the caller keeps pos < min(max_len, block_size) and advances the cache."""
+        """`next_logits` with the new tokens' position as a (1,) tensor on the model's device, and attention over all
+        of `cache`'s buffers (masked after `pos`; `KVCache.prefix` gives a shorter view): no shape, and no Python
+        value, depends on the position, so a CUDA graph captured once replays it at every step up to the buffers'
+        length (`gpt_lightning.model.graphed_decode`). It neither checks nor advances `cache.length`: the caller
+        keeps pos < min(max_len, block_size) and advances the cache."""
         x = self.transformer.wte(tokens) + self.transformer.wpe(pos)  # (B, C) + (1, C)
         for i, block in enumerate(self.transformer.h):
             x = block.decode_one(x, cache, i, pos)

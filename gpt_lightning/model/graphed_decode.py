@@ -1,4 +1,4 @@
-"""Decode steps on a GPU replayed from a CUDA graph captured once, instead of launched kernel by kernel.
+"""Decode steps on a GPU replayed from CUDA graphs captured once, instead of launched kernel by kernel.
 
 Why: eager decode of our small models on a GPU is bound by the host, not by the bytes it reads. On an H100 (README,
 "Measured on an H100") fp32 eager decode reached 2% of the memory-read limit, and MHA (one SDPA call per layer)
@@ -6,20 +6,26 @@ beat GQA-4 and MQA (the grouped form, ~6 calls) in 9 of the fp32 grid's 12 cells
 set the time, so GQA's saving could not show. A graph launches the step's ~100-200 kernels as one.
 
 What is captured: `GPT.static_next_logits`, a decode step whose shapes and Python values never depend on the
-position (the position is a (1,) device tensor; attention reads the cache's whole preallocated buffers, masked
-after it). Tokens and position are copied into fixed input tensors before each replay; the logits come back in a
-fixed output tensor, overwritten by the next step.
+position (the position is a (1,) device tensor; attention reads a fixed prefix of the cache's preallocated buffers,
+masked after the position). The prefix is a key bucket (`key_bucket`: the next power of two of the filled positions,
+at least GRAPH_MIN_KEYS), one graph per bucket, captured when a step first needs it: a step reads at most twice the
+keys it needs, not the whole block_size cache. Tokens and position are copied into fixed input tensors before each
+replay; the logits come back in the bucket graph's own output tensor, overwritten by its next replay.
 
-`decode_step` is the one entry point (`stream_tokens`, `time_decode_at`): a `GraphedDecoder` on CUDA, the eager
-`GPT.next_logits` elsewhere (on a CPU the fixed shape would only add work: the whole buffer is read every step).
-If capture fails, the decoder warns once and decodes eagerly: same tokens, no graph.
+Entry points: `decode_step` (a decoder over a cache the caller owns: the decode grid, with the capture in its
+untimed warm-up step) and `shared_decoder` (a decoder with its own cache, kept per model and batch size across
+decodes, so `generate`'s graphs are captured once, not at every call). On a CPU `decode_step` is the eager
+`GPT.next_logits`. If a capture fails, the decoder warns, records it in `capture_failures`, and decodes eagerly
+through `next_logits` from then on: the same tokens, no graph.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -27,75 +33,143 @@ import torch.nn as nn
 from gpt_lightning.model.kv_cache import KVCache
 
 WARMUP_STEPS = 2  # eager runs on a side stream before capture (cuBLAS/SDPA workspaces, lazy init), as torch's docs do
+GRAPH_MIN_KEYS = 64  # the smallest key bucket: short contexts share one graph
+
+capture_failures: list[str] = []  # this process's failed captures: what the bench and evaluate report
+
+
+def key_bucket(n_keys: int, limit: int) -> int:
+    """Cache positions a graph reads for a step whose cache holds `n_keys` (the new token's included): the next power
+    of two, at least GRAPH_MIN_KEYS, at most `limit` (the cache's length)."""
+    return min(limit, max(GRAPH_MIN_KEYS, 1 << (n_keys - 1).bit_length()))
+
+
+def weights_fingerprint(model: nn.Module) -> tuple:
+    """Where the model's weights live: a graph reads them at these addresses (and dtypes), whatever their values."""
+    return tuple((p.data_ptr(), p.dtype) for p in model.parameters())
 
 
 class GraphedDecoder:
-    """`model.next_logits(tokens, cache)` for one model and one cache, from a CUDA graph captured at the first call.
+    """`model.next_logits(tokens, cache)` for one model and one cache, replayed from CUDA graphs, one per key bucket,
+    each captured at the first step that needs it.
 
     The cache's buffers must stay where they are (they do: `KVCache` writes in place, `reset` only rewinds), and the
-    model must stay in eval mode with its weights in place. Prefills (`last_logits`) go on as before, eagerly, into
-    the same buffers. With `graph=False` the same fixed-shape step runs eagerly (how the CPU tests check it).
+    model's weights too (in-place updates such as an optimizer step are seen; `.to()` is not: `shared_decoder`
+    checks). Prefills (`last_logits`, or a step into an empty cache) go on eagerly into the same buffers, and so does
+    a step under autocast (whose cast weights would not outlive the capture). With `graph=False` the same
+    fixed-shape bucketed step runs eagerly (how the CPU tests check it). The model is held weakly: a decoder kept in
+    `shared_decoder`'s table must not keep its model alive.
     """
 
     def __init__(self, model: nn.Module, cache: KVCache, graph: bool = True):
         device = cache.k[0].device
-        self.model, self.cache = model, cache
+        self._model = weakref.ref(model)
+        self.cache = cache
         self.limit = min(cache.max_len, model.config.block_size)  # positions the cache and wpe both have
         self.tokens = torch.zeros(cache.k[0].size(0), dtype=torch.long, device=device)  # (B,) replay input
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,) replay input
         self.use_graph = graph and device.type == "cuda"
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None  # (B, vocab), the graph's output
+        self.failed = False  # a capture failed: eager next_logits from then on
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, its logits)
+        self.fingerprint = weights_fingerprint(model)
+        self.in_use = False  # a decode is running on this decoder's cache (shared_decoder)
 
-    def _step(self) -> torch.Tensor:
-        return self.model.static_next_logits(self.tokens, self.pos, self.cache)
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the decoder's model is gone")
+        return model
 
-    def _capture(self) -> None:
-        """Warm up on a side stream, then capture one step. Each run writes the same keys/values at the same
-        position (this call's), so warm-up and capture leave the cache as the replay that follows would."""
+    @property
+    def graphed(self) -> bool:
+        """Steps replay graphs (on a GPU, and no capture has failed)."""
+        return self.use_graph and not self.failed
+
+    def _step(self, view: KVCache) -> torch.Tensor:
+        return self.model.static_next_logits(self.tokens, self.pos, view)
+
+    def _capture(self, keys: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream, then capture one step reading `keys` positions. Each run writes the same
+        keys/values at the same position (this call's), so warm-up and capture leave the cache as the replay that
+        follows would. Everything on the cache's device, whichever device is current."""
         device = self.tokens.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self._step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.logits = self._step()
-        self.graph = graph
+        view = self.cache.prefix(keys)  # (B, G, keys, hd) views: fixed addresses for the graph
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_STEPS):
+                    self._step(view)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: a DataLoader's pin-memory thread may call CUDA meanwhile without breaking the capture
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
+                logits = self._step(view)
+        return graph, logits
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (B, vocab_size) after one new token per row, tokens (B,), appended to the cache. On a graph the
+        """Logits (B, vocab_size) after one new token per row, tokens (B,), appended to the cache. From a graph the
         returned tensor is the graph's own output: read it (or clone it) before the next call."""
         length = self.cache.length
         if length >= self.limit:
             raise ValueError(f"sequence of {length + 1} tokens exceeds the cache's {self.limit} positions")
-        if not length:  # an empty cache is a prefill: the eager path's own rule
-            return self.model.next_logits(tokens, self.cache)
+        if not length or self.failed or torch.is_autocast_enabled(self.tokens.device.type):
+            return self.model.next_logits(tokens, self.cache)  # a prefill, a failed capture, or autocast: eager
+        keys = key_bucket(length + 1, self.limit)
         self.tokens.copy_(tokens)
         self.pos.fill_(length)
-        if self.use_graph and self.graph is None:
-            try:
-                self._capture()
-            except RuntimeError as e:  # an op the graph cannot hold on this build: decode eagerly instead
-                warnings.warn(f"CUDA graph capture of the decode step failed ({str(e).splitlines()[0]}); "
-                              "decoding eagerly", RuntimeWarning, stacklevel=2)
-                self.use_graph, self.graph = False, None
-                torch.cuda.synchronize(self.tokens.device)
-                return self.model.next_logits(tokens, self.cache)
-        if self.graph is not None:
-            self.graph.replay()
+        if not self.use_graph:
+            logits = self._step(self.cache.prefix(keys))
         else:
-            self.logits = self._step()
+            if keys not in self.graphs:
+                try:
+                    self.graphs[keys] = self._capture(keys)
+                except RuntimeError as e:  # an op the graph cannot hold on this build: decode eagerly instead
+                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    capture_failures.append(reason)
+                    warnings.warn(f"CUDA graph capture of the decode step failed ({reason}); decoding eagerly",
+                                  RuntimeWarning, stacklevel=2)
+                    self.failed, self.graphs = True, {}
+                    torch.cuda.synchronize(self.tokens.device)
+                    return self.model.next_logits(tokens, self.cache)
+            graph, logits = self.graphs[keys]
+            graph.replay()
         self.cache.advance(1)
-        return self.logits
+        return logits
 
 
 def decode_step(model: nn.Module, cache: KVCache, cuda_graph: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """The decode step for this cache, tokens (B,) -> logits (B, vocab_size), advancing the cache by one: replayed
-    from a CUDA graph on a GPU (unless `cuda_graph` is False), `model.next_logits` otherwise."""
+    from CUDA graphs on a GPU (unless `cuda_graph` is False), `model.next_logits` otherwise."""
     if cuda_graph and cache.k[0].device.type == "cuda" and not model.training:
         return GraphedDecoder(model, cache)
     return functools.partial(model.next_logits, cache=cache)
+
+
+# model -> {batch size: decoder}; weak on the model, and the decoders hold it weakly too, so both go together
+_shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def shared_decoder(model: nn.Module, batch: int) -> Iterator[GraphedDecoder]:
+    """A `GraphedDecoder` over its own block_size cache (emptied) for this model and batch size, kept across decodes:
+    the graphs one decode captured, the next replays (a capture costs a few eager steps and a synchronisation).
+    A new one is built when the model's weights moved or changed dtype (`.to()`, a state dict loaded by
+    assignment), and a second decode running at the same time (two open `stream_tokens`) gets a fresh one of its
+    own: one cache cannot serve two. A decoder whose capture failed is kept: it decodes eagerly, without retrying."""
+    decoders = _shared.setdefault(model, {})
+    decoder = decoders.get(batch)
+    device = next(model.parameters()).device
+    if (decoder is None or decoder.in_use or decoder.fingerprint != weights_fingerprint(model)
+            or decoder.cache.k[0].device != device):
+        decoder = GraphedDecoder(model, model.new_cache(batch))
+        if batch not in decoders or not decoders[batch].in_use:
+            decoders[batch] = decoder
+    decoder.cache.reset()
+    decoder.in_use = True
+    try:
+        yield decoder
+    finally:
+        decoder.in_use = False

@@ -53,6 +53,14 @@ class KVCache:
         """The layer's whole (B, G, max_len, hd) key and value buffers (positions past the filled ones are stale)."""
         return self.k[layer], self.v[layer]
 
+    def prefix(self, n: int) -> KVCache:
+        """A cache over the first `n` positions of these buffers: views, so what it writes lands here. A CUDA graph
+        captured against it reads (B, G, n, hd) keys, not the whole max_len (`graphed_decode`'s key buckets)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [k[:, :, :n] for k in self.k], [v[:, :, :n] for v in self.v]
+        view.max_len, view.length = n, min(self.length, n)
+        return view
+
     def advance(self, n: int) -> None:
         """Called once per forward, after every layer wrote its `n` new positions."""
         self.length += n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -10,7 +11,7 @@ import torch.nn as nn
 
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.model.cpu_matmul import onednn_linear, onednn_linear_available
-from gpt_lightning.model.graphed_decode import decode_step
+from gpt_lightning.model.graphed_decode import shared_decoder
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -110,7 +111,8 @@ def stream_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     Only the last position's logits are computed per step. Positions are learned, so once the context
     fills block_size the cache is rebuilt from the last block_size tokens each step: exactly what an
     uncached model cropping its input to block_size would compute. The model is in eval mode meanwhile.
-    On a GPU each step replays a CUDA graph unless `cuda_graph` is False (`graphed_decode.decode_step`).
+    On a GPU each step replays a CUDA graph unless `cuda_graph` is False: the decoder and its cache are kept per
+    model and batch size (`graphed_decode.shared_decoder`), so later decodes replay the graphs earlier ones captured.
     """
     check_sampling(temperature, top_k, top_p)
     if idx.dim() != 2 or idx.size(1) == 0:
@@ -118,20 +120,26 @@ def stream_tokens(model, idx: torch.Tensor, max_new_tokens: int, temperature: fl
     was_training = model.training
     model.eval()
     try:
-        with cpu_matvec_layout(model, rows=idx.size(0)):
-            yield from _decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, generator, cuda_graph)
+        if cuda_graph and idx.is_cuda:
+            with shared_decoder(model, idx.size(0)) as step:
+                yield from _decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, generator,
+                                         step.cache, step)
+        else:
+            with cpu_matvec_layout(model, rows=idx.size(0)):
+                cache = model.new_cache(idx.size(0))
+                yield from _decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, generator, cache,
+                                         functools.partial(model.next_logits, cache=cache))
     finally:
         model.train(was_training)
 
 
-def _decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, generator,
-                  cuda_graph) -> Iterator[torch.Tensor]:
+def _decode_steps(model, idx, max_new_tokens, temperature, top_k, top_p, generator, cache,
+                  step) -> Iterator[torch.Tensor]:
+    """The loop over an empty `cache`; `step`: tokens (B,) -> logits (B, vocab), the cache advanced by one."""
     B, T = idx.shape
     bs = model.config.block_size
     seq = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=idx.device)  # allocated once
     seq[:, :T] = idx
-    cache = model.new_cache(B)
-    step = decode_step(model, cache, cuda_graph)  # tokens (B,) -> logits (B, vocab), the cache advanced by one
     logits = model.last_logits(idx[:, -bs:], cache)  # prefill: (B, vocab), the LM head on the last position only
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)

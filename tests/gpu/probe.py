@@ -40,6 +40,7 @@ from gpt_lightning.measure.timing import sync  # noqa: E402
 from gpt_lightning.measure.training_speed import TrainContender  # noqa: E402
 from gpt_lightning.model import GPT, kv_cache_bytes_per_token, lm_head_loss  # noqa: E402
 from gpt_lightning.model.loss import chunk_rows_for  # noqa: E402
+from gpt_lightning.model import graphed_decode  # noqa: E402
 from gpt_lightning.model.optim import make_optimizer  # noqa: E402
 from gpt_lightning.model.sampling import stream_tokens  # noqa: E402
 from gpt_lightning.training.model_config import gpt_config_from_cfg  # noqa: E402
@@ -89,16 +90,16 @@ def train_probe(config, dtype, batch: int, steps: int, warmup: int, optim: dict,
 
 def decode_step_seconds(model, prompt: torch.Tensor, new: int, cuda_graph: bool = True) -> float:
     """Seconds per decode step of the public cached decode loop (`stream_tokens`, greedy): the clock starts at the
-    first yielded token, after the prefill, and stops after the last, so only the `new - 1` one-token steps
-    against the KV cache are timed (on a GPU the first step, which captures the graph, is not among them)."""
+    second yielded token, after the prefill and the first one-token step (which on a GPU may capture a graph), and
+    stops after the last, so the `new - 2` one-token steps after it against the KV cache are timed."""
     steps = stream_tokens(model, prompt, new, temperature=0, cuda_graph=cuda_graph)
-    next(steps)
+    next(steps), next(steps)
     sync(prompt.device)
     start = time.perf_counter()
     for _ in steps:
         pass
     sync(prompt.device)
-    return (time.perf_counter() - start) / (new - 1)
+    return (time.perf_counter() - start) / (new - 2)
 
 
 def decode_probe(config, dtype, batches: list[int], new: int, repeats: int, device) -> list[dict]:
@@ -116,13 +117,14 @@ def decode_probe(config, dtype, batches: list[int], new: int, repeats: int, devi
         prompt = torch.randint(0, config.vocab_size, (b, prompt_len), device=device)
         times: dict[bool, list[float]] = {graph: [] for graph in modes}
         for graph in modes:
-            decode_step_seconds(model, prompt, min(new, 8), graph)  # warm-up
+            decode_step_seconds(model, prompt, min(new, 8), graph)  # warm-up (and the graphs' capture)
         for _ in range(repeats):
             for graph in modes:
                 times[graph].append(decode_step_seconds(model, prompt, new, graph))
         for graph, seconds in times.items():
             step = statistics.median(seconds)
-            rows.append({"batch": b, "context": config.block_size, "cuda_graph": graph, "step_ms": step * 1e3,
+            ran_graph = graph and not graphed_decode.capture_failures  # a failed capture decodes eagerly
+            rows.append({"batch": b, "context": config.block_size, "cuda_graph": ran_graph, "step_ms": step * 1e3,
                          "tokens_per_sec": b / step, "bytes_per_step": weights + kv_per_token * mean_len * b,
                          "kv_bytes_per_step": kv_per_token * mean_len * b, "weight_bytes": weights})
         del prompt
@@ -167,6 +169,7 @@ def loss_probe(config, dtype, n_rows: int, repeats: int, device) -> list[dict]:
 
     peaks = {}
     for key, fn in variants.items():  # warm-up, and the peak allocation of one call
+        h.grad = w.grad = None  # the last variant's gradients are not this one's baseline
         if device.type == "cuda":
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated(device)
