@@ -121,3 +121,22 @@ def test_generate_with_a_cuda_graph_equals_eager_past_block_size_and_reuses_its_
     assert torch.equal(graphed, eager) and torch.equal(again, eager)
     assert decoder.graphed and captured and graphed_decode._shared[model][2] is decoder
     assert decoder.graphs == captured  # the second decode replayed the first one's graphs, capturing none
+
+
+def test_the_grid_captures_every_graph_before_its_clock_starts(monkeypatch):
+    from gpt_lightning.measure.decode_grid import time_decode_at
+    from gpt_lightning.model.graphed_decode import GraphedDecoder, bucket_starts
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=1000, block_size=200, n_layer=2, n_head=8, n_kv_groups=2, n_embd=128))
+    model = model.cuda().eval()
+    events = []
+    call, capture = GraphedDecoder.__call__, GraphedDecoder._capture
+    monkeypatch.setattr(GraphedDecoder, "__call__", lambda self, t: events.append("step") or call(self, t))
+    monkeypatch.setattr(GraphedDecoder, "_capture", lambda self, keys: events.append("capture") or capture(self, keys))
+    with no_capture_failure():  # context 40 + 100 steps: buckets 64, 128 and 140 (the cell's whole cache)
+        assert time_decode_at(model, 2, 40, 100, torch.Generator().manual_seed(0)) > 0
+    warmup = len(bucket_starts(40, 100, 140))
+    assert warmup == 3 and events.count("capture") == 3 and events.count("step") == warmup + 100
+    first_timed = [i for i, e in enumerate(events) if e == "step"][warmup]
+    assert "capture" not in events[first_timed:]  # every capture came in the warm-up

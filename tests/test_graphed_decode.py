@@ -10,8 +10,8 @@ import torch
 
 from gpt_lightning.model import GPT, GPTConfig, KVCache, graphed_decode
 from gpt_lightning.model.attention import masked_decode_attention
-from gpt_lightning.model.graphed_decode import GraphedDecoder, decode_step, key_bucket, shared_decoder
-from gpt_lightning.model.sampling import decode
+from gpt_lightning.model.graphed_decode import GraphedDecoder, bucket_starts, decode_step, key_bucket, shared_decoder
+from gpt_lightning.model.sampling import _decode_steps, decode
 
 ATTENTIONS = {"mha": 4, "gqa": 2, "mqa": 1}  # kv_groups at 4 heads
 
@@ -46,6 +46,13 @@ def test_key_buckets_are_powers_of_two_from_the_minimum_up_to_the_cache():
     assert [key_bucket(n, 160) for n in (1, 64, 65, 128, 129, 160)] == [64, 64, 128, 128, 160, 160]
     assert key_bucket(5, 16) == 16  # a cache shorter than the smallest bucket: the whole cache
     assert key_bucket(1000, 1024) == 1024 and key_bucket(513, 2048) == 1024
+
+
+def test_bucket_starts_are_the_first_cache_length_of_every_bucket_the_steps_reach():
+    # cache lengths 32..159 before each step: keys 33..160, buckets 64 (from length 32), 128 (64), 160 (128)
+    assert bucket_starts(32, 128, 160) == [32, 64, 128]
+    assert bucket_starts(992, 32, 1024) == [992]  # the grid's longest cell: one bucket
+    assert bucket_starts(100, 200, 160) == [100, 128]  # steps stop at the cache's end
 
 
 def test_masked_decode_attention_takes_the_strided_output_of_cuda_kernels(monkeypatch):
@@ -145,19 +152,57 @@ def test_a_failed_capture_warns_once_and_every_later_step_is_next_logits(monkeyp
     assert step.failed and not step.graphed and ours.length == ref.length == 8
 
 
-def test_shared_decoder_is_kept_per_model_and_batch_and_rebuilt_when_it_cannot_serve():
+def test_shared_decoder_is_kept_per_model_and_rebuilt_when_it_cannot_serve():
     model = tiny(2)
     with shared_decoder(model, 2) as first:
-        first.cache.length = 5  # a decode left it filled
+        first.cache.length = 5  # a decode left it filled, with a stale NaN past what the next decode fills
+        first.cache.v[1][0, 0, 9] = float("nan")
     with shared_decoder(model, 2) as again:
-        assert again is first and again.cache.length == 0  # kept, and emptied for the next decode
+        assert again is first and again.cache.length == 0  # kept, emptied for the next decode
+        assert all(not t.any() for t in again.cache.k + again.cache.v)  # and zeroed: a bucket reads past the fill
         with shared_decoder(model, 2) as nested:  # a second decode running meanwhile: a cache of its own
             assert nested is not first
+    with shared_decoder(model, 2) as kept:
+        assert kept is first  # the nested one was not kept in its place
     with shared_decoder(model, 3) as other:
         assert other is not first and other.cache.k[0].size(0) == 3
+    with shared_decoder(model, 2) as rebuilt:
+        assert rebuilt is not first  # only the last batch size's cache is kept
     model.to(torch.bfloat16)  # the weights moved: graphs captured on the old ones would read freed memory
     with shared_decoder(model, 2) as moved:
-        assert moved is not first and moved.cache.k[0].dtype == torch.bfloat16
+        assert moved is not rebuilt and moved.cache.k[0].dtype == torch.bfloat16
+
+
+def test_a_shared_decoder_made_in_inference_mode_decodes_outside_it():
+    """The training callback samples inside validation's inference mode; the end-of-run decode timing runs outside."""
+    model = tiny(2)
+    prompt = torch.randint(0, 100, (1, 4))
+    with torch.inference_mode(), shared_decoder(model, 1) as step:
+        list(_decode_steps(model, prompt, 4, 0.0, None, None, None, step.cache, step))
+    with torch.no_grad(), shared_decoder(model, 1) as again:
+        assert again is step
+        tokens = list(_decode_steps(model, prompt, 4, 0.0, None, None, None, again.cache, again))
+    assert torch.equal(torch.cat(tokens), decode(model, prompt, 4, temperature=0)[0, 4:])
+
+
+@pytest.mark.parametrize("kv_groups", ATTENTIONS.values(), ids=ATTENTIONS.keys())
+def test_the_shared_decoders_loop_decodes_as_eager_past_block_size(kv_groups):
+    """The branch stream_tokens takes on a GPU, run here with the fixed-shape steps eager: buckets 64 and 80, then
+    the re-prefill once the context fills block_size."""
+    model = tiny(kv_groups, block_size=80)
+    prompt = torch.randint(0, 100, (2, 30))
+    with torch.no_grad(), shared_decoder(model, 2) as step:
+        tokens = list(_decode_steps(model, prompt, 90, 0.0, None, None, None, step.cache, step))
+    assert torch.equal(torch.stack(tokens, 1), decode(model, prompt, 90, temperature=0)[:, 30:])
+
+
+def test_a_step_of_another_batch_size_is_refused():
+    model = tiny(2)
+    cache = model.new_cache(2)
+    with torch.no_grad():
+        model.last_logits(torch.randint(0, 100, (2, 3)), cache)
+        with pytest.raises(ValueError, match=r"tokens of shape \(3,\) for a cache of batch 2"):
+            GraphedDecoder(model, cache, graph=False)(torch.tensor([1, 2, 3]))
 
 
 def test_shared_decoders_do_not_keep_their_model_alive():

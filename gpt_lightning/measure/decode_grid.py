@@ -26,7 +26,7 @@ from gpt_lightning.measure.limits import bracketed
 from gpt_lightning.measure.timing import summarize, sync
 from gpt_lightning.model import GPT, KVCache
 from gpt_lightning.model import graphed_decode
-from gpt_lightning.model.graphed_decode import decode_step
+from gpt_lightning.model.graphed_decode import GraphedDecoder, bucket_starts, decode_step
 from gpt_lightning.model.sampling import cpu_matvec_layout, sample_next
 
 
@@ -100,7 +100,12 @@ def time_decode_at(model: GPT, batch: int, context: int, new_tokens: int, genera
     cache, nxt = prefilled_cache(model, batch, context, new_tokens, generator, prompt)
     with cpu_matvec_layout(model, rows=batch):
         step = decode_step(model, cache, cuda_graph)
-        step(nxt)  # warm-up step (primitive set-up, graph capture)
+        # Warm-up (oneDNN primitive set-up; on a GPU a step at the start of every key bucket the timed steps reach,
+        # capturing its graph). Each writes a position the timed steps overwrite before they read it.
+        graphed = isinstance(step, GraphedDecoder)
+        for length in bucket_starts(context, new_tokens, cache.max_len) if graphed else [context]:
+            cache.length = length
+            step(nxt)
         cache.length = context  # rewind
         sync(nxt.device)
         start = time.perf_counter()
@@ -139,6 +144,7 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
     rates: dict[tuple, list[float]] = {}
     bandwidths: dict[tuple, list[float]] = {}  # (model, batch, context) -> the bandwidth beside each round
     peaks: list[float] = []  # the matmul peak beside each round
+    failures_before = len(graphed_decode.capture_failures)
     for r in range(repeats):
         peak_before = peak_probe() if peak and bandwidth else None  # a roofline needs both
         for b, L in cells:
@@ -155,8 +161,9 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
         if peak and bandwidth:
             peaks.append((peak_before + peak_probe()) / 2)
         log(f"decode grid round {r + 1}/{repeats} done")
-    # graphs requested on a GPU, and none of this process's captures failed (a failure falls back to eager steps)
-    graphs_ran = cuda_graph and models[0].lm_head.weight.is_cuda and not graphed_decode.capture_failures
+    # graphs asked for on a GPU, and none of this grid's captures failed (a failure falls back to eager steps)
+    graphs_ran = (cuda_graph and models[0].lm_head.weight.is_cuda
+                  and len(graphed_decode.capture_failures) == failures_before)
     rows = []
     for (i, b, L), values in rates.items():
         m = models[i]

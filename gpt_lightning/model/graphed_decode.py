@@ -9,14 +9,16 @@ What is captured: `GPT.static_next_logits`, a decode step whose shapes and Pytho
 position (the position is a (1,) device tensor; attention reads a fixed prefix of the cache's preallocated buffers,
 masked after the position). The prefix is a key bucket (`key_bucket`: the next power of two of the filled positions,
 at least GRAPH_MIN_KEYS), one graph per bucket, captured when a step first needs it: a step reads at most twice the
-keys it needs, not the whole block_size cache. Tokens and position are copied into fixed input tensors before each
-replay; the logits come back in the bucket graph's own output tensor, overwritten by its next replay.
+keys it needs (or 64), not the whole block_size cache. Tokens and position are copied into fixed input tensors
+before each replay; the logits come back in the bucket graph's own output tensor, overwritten by its next replay.
 
 Entry points: `decode_step` (a decoder over a cache the caller owns: the decode grid, with the capture in its
 untimed warm-up step) and `shared_decoder` (a decoder with its own cache, kept per model and batch size across
-decodes, so `generate`'s graphs are captured once, not at every call). On a CPU `decode_step` is the eager
-`GPT.next_logits`. If a capture fails, the decoder warns, records it in `capture_failures`, and decodes eagerly
-through `next_logits` from then on: the same tokens, no graph.
+decodes, so `generate`'s graphs are captured once, not at every call). On a CPU, and with deterministic algorithms
+on (CUDA's deterministic `index_copy_` checks its indices on the host, which a capture cannot hold), `decode_step`
+is the eager `GPT.next_logits`. If a capture fails, that decoder warns, appends the reason to `capture_failures`
+(what the bench and evaluate count to say whether graphs ran), and decodes eagerly through `next_logits` from then
+on: the same tokens, no graph.
 """
 
 from __future__ import annotations
@@ -66,9 +68,10 @@ class GraphedDecoder:
         self._model = weakref.ref(model)
         self.cache = cache
         self.limit = min(cache.max_len, model.config.block_size)  # positions the cache and wpe both have
-        self.tokens = torch.zeros(cache.k[0].size(0), dtype=torch.long, device=device)  # (B,) replay input
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,) replay input
-        self.use_graph = graph and device.type == "cuda"
+        with torch.inference_mode(False):  # normal tensors: writable in and out of inference mode (validation hooks)
+            self.tokens = torch.zeros(cache.k[0].size(0), dtype=torch.long, device=device)  # (B,) replay input
+            self.pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,) replay input
+        self.use_graph = graph and device.type == "cuda" and not torch.are_deterministic_algorithms_enabled()
         self.failed = False  # a capture failed: eager next_logits from then on
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, its logits)
         self.fingerprint = weights_fingerprint(model)
@@ -96,27 +99,34 @@ class GraphedDecoder:
         device = self.tokens.device
         view = self.cache.prefix(keys)  # (B, G, keys, hd) views: fixed addresses for the graph
         with torch.cuda.device(device):
+            current = torch.cuda.current_stream(device)
             side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS):
-                    self._step(view)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: a DataLoader's pin-memory thread may call CUDA meanwhile without breaking the capture
-            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
-                logits = self._step(view)
+            side.wait_stream(current)
+            try:
+                with torch.cuda.stream(side):
+                    for _ in range(WARMUP_STEPS):
+                        self._step(view)
+                current.wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: a DataLoader's pin-memory thread may call CUDA meanwhile without breaking the capture
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                    logits = self._step(view)
+            finally:  # a failed capture's exit raises before it restores the stream it made current
+                torch.cuda.set_stream(current)
         return graph, logits
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, vocab_size) after one new token per row, tokens (B,), appended to the cache. From a graph the
         returned tensor is the graph's own output: read it (or clone it) before the next call."""
+        model = self.model  # raises if it is gone: a replay would read freed weights
         length = self.cache.length
         if length >= self.limit:
             raise ValueError(f"sequence of {length + 1} tokens exceeds the cache's {self.limit} positions")
+        if tokens.shape != self.tokens.shape:
+            raise ValueError(f"tokens of shape {tuple(tokens.shape)} for a cache of batch {self.tokens.size(0)}")
         if not length or self.failed or torch.is_autocast_enabled(self.tokens.device.type):
-            return self.model.next_logits(tokens, self.cache)  # a prefill, a failed capture, or autocast: eager
+            return model.next_logits(tokens, self.cache)  # a prefill, a failed capture, or autocast: eager
         keys = key_bucket(length + 1, self.limit)
         self.tokens.copy_(tokens)
         self.pos.fill_(length)
@@ -127,17 +137,27 @@ class GraphedDecoder:
                 try:
                     self.graphs[keys] = self._capture(keys)
                 except RuntimeError as e:  # an op the graph cannot hold on this build: decode eagerly instead
-                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    cause = e.__context__ or e  # capture_end's own error hides the op's behind it
+                    reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
                     capture_failures.append(reason)
                     warnings.warn(f"CUDA graph capture of the decode step failed ({reason}); decoding eagerly",
                                   RuntimeWarning, stacklevel=2)
                     self.failed, self.graphs = True, {}
                     torch.cuda.synchronize(self.tokens.device)
-                    return self.model.next_logits(tokens, self.cache)
+                    return model.next_logits(tokens, self.cache)
             graph, logits = self.graphs[keys]
             graph.replay()
         self.cache.advance(1)
         return logits
+
+
+def bucket_starts(context: int, new_tokens: int, limit: int) -> list[int]:
+    """The cache lengths at which steps from `context` to `context + new_tokens - 1` first need each key bucket: a
+    warm-up step at each captures every graph those steps replay, before any clock starts."""
+    starts: dict[int, int] = {}
+    for length in range(context, min(context + new_tokens, limit)):
+        starts.setdefault(key_bucket(length + 1, limit), length)
+    return sorted(starts.values())
 
 
 def decode_step(model: nn.Module, cache: KVCache, cuda_graph: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -148,7 +168,8 @@ def decode_step(model: nn.Module, cache: KVCache, cuda_graph: bool = True) -> Ca
     return functools.partial(model.next_logits, cache=cache)
 
 
-# model -> {batch size: decoder}; weak on the model, and the decoders hold it weakly too, so both go together
+# model -> {batch size: decoder}, the last batch size decoded only (one block_size cache per model, not one per
+# batch size); weak on the model, and the decoders hold it weakly too, so both go together
 _shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -164,9 +185,15 @@ def shared_decoder(model: nn.Module, batch: int) -> Iterator[GraphedDecoder]:
     device = next(model.parameters()).device
     if (decoder is None or decoder.in_use or decoder.fingerprint != weights_fingerprint(model)
             or decoder.cache.k[0].device != device):
-        decoder = GraphedDecoder(model, model.new_cache(batch))
-        if batch not in decoders or not decoders[batch].in_use:
+        with torch.inference_mode(False):  # a cache made in inference mode could not be written outside it
+            decoder = GraphedDecoder(model, model.new_cache(batch))
+        if not any(d.in_use for d in decoders.values()):
+            decoders.clear()  # only the last batch size is kept
             decoders[batch] = decoder
+    else:  # zeros past the filled positions: a bucket reads them (masked), and a stale inf or NaN would leak
+        with torch.no_grad():
+            for t in decoder.cache.k + decoder.cache.v:
+                t.zero_()
     decoder.cache.reset()
     decoder.in_use = True
     try:

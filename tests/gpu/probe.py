@@ -92,6 +92,8 @@ def decode_step_seconds(model, prompt: torch.Tensor, new: int, cuda_graph: bool 
     """Seconds per decode step of the public cached decode loop (`stream_tokens`, greedy): the clock starts at the
     second yielded token, after the prefill and the first one-token step (which on a GPU may capture a graph), and
     stops after the last, so the `new - 2` one-token steps after it against the KV cache are timed."""
+    if new < 3:
+        raise ValueError(f"--decode-new {new}: at least 3 tokens (a prefill, an untimed step, a timed one)")
     steps = stream_tokens(model, prompt, new, temperature=0, cuda_graph=cuda_graph)
     next(steps), next(steps)
     sync(prompt.device)
@@ -113,18 +115,21 @@ def decode_probe(config, dtype, batches: list[int], new: int, repeats: int, devi
     mean_len = prompt_len + new / 2  # mean cache length over the timed steps
     rows = []
     modes = [True, False] if device.type == "cuda" else [False]  # graphed and eager alternate on a GPU
+    failures_before = len(graphed_decode.capture_failures)
     for b in batches:
         prompt = torch.randint(0, config.vocab_size, (b, prompt_len), device=device)
         times: dict[bool, list[float]] = {graph: [] for graph in modes}
         for graph in modes:
-            decode_step_seconds(model, prompt, min(new, 8), graph)  # warm-up (and the graphs' capture)
+            decode_step_seconds(model, prompt, new, graph)  # warm-up: the graphs of every key bucket
         for _ in range(repeats):
             for graph in modes:
                 times[graph].append(decode_step_seconds(model, prompt, new, graph))
         for graph, seconds in times.items():
             step = statistics.median(seconds)
-            ran_graph = graph and not graphed_decode.capture_failures  # a failed capture decodes eagerly
-            rows.append({"batch": b, "context": config.block_size, "cuda_graph": ran_graph, "step_ms": step * 1e3,
+            # cuda_graph: asked for; graphs_ran: and no capture failed (a failure decodes eagerly)
+            ran = graph and len(graphed_decode.capture_failures) == failures_before
+            rows.append({"batch": b, "context": config.block_size, "cuda_graph": graph, "graphs_ran": ran,
+                         "step_ms": step * 1e3,
                          "tokens_per_sec": b / step, "bytes_per_step": weights + kv_per_token * mean_len * b,
                          "kv_bytes_per_step": kv_per_token * mean_len * b, "weight_bytes": weights})
         del prompt
@@ -267,9 +272,13 @@ def main() -> None:
             for r in rows:
                 details["decode"].append({"attention": config.attention, "kv_groups": kv,
                                           "dtype": str(decode_dtype).removeprefix("torch."), **r})
-                print(f"decode {config.attention} kv={kv} b{r['batch']}{' graph' if r['cuda_graph'] else ''}: "
+                print(f"decode {config.attention} kv={kv} b{r['batch']}{' graph' if r['graphs_ran'] else ''}: "
                       f"{r['tokens_per_sec']:.0f} tokens/s, "
                       f"{r['step_ms']:.2f} ms/step, {r['bytes_per_step'] / 1e6:.0f} MB/step", flush=True)
+            for reason in graphed_decode.capture_failures[len(details.setdefault("capture_failures", [])):]:
+                details["capture_failures"].append(reason)
+                details["errors"].append(f"decode {config.attention} kv={kv}: CUDA graph capture failed: "
+                                         f"{reason[:300]}")
             print(f"  ({time.perf_counter() - started:.1f}s)", flush=True)
         except Exception as e:
             details["errors"].append(f"decode {config.attention} kv={kv}: {type(e).__name__}: {str(e)[:300]}")

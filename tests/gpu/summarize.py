@@ -214,10 +214,11 @@ def check_probe(S: Summary, work: Path, s: dict, gpu: bool) -> None:
     # (attention, batch, replayed from a CUDA graph?); records from before the graph have no key: eager
     dec = {(r["attention"], r["batch"], r.get("cuda_graph", False)): r for r in d.get("decode", [])}
     for (att, b, graph), r in sorted(dec.items()):
+        how = ("eager kernels" if not graph else "replayed from CUDA graphs" if r.get("graphs_ran", True)
+               else "graphs asked for, capture failed: eager kernels")
         S.add(f"decode {att} b{b}{' graph' if graph else ''}", "INFO",
               f"{fmt_rate(r['tokens_per_sec'])} tokens/s ({r['step_ms']:.2f} ms/step)",
-              f"context {r['context']}, {r['dtype']}, {r['bytes_per_step'] / 1e6:.1f} MB read per step, "
-              + ("replayed from a CUDA graph" if graph else "eager kernels"))
+              f"context {r['context']}, {r['dtype']}, {r['bytes_per_step'] / 1e6:.1f} MB read per step, {how}")
     big = max((b for _, b, _ in dec), default=None)
     for graph in (True, False):
         if big is not None and ("mha", big, graph) in dec and ("mqa", big, graph) in dec:
