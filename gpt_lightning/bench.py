@@ -236,10 +236,9 @@ def bench(cfg: DictConfig) -> RunRecord:
         decoders["HF generate fp32"] = (hf.eval(), True)
     decode: dict[str, list[float]] = {}
     steps_b1: dict[str, list[tuple[float, float]]] = {}  # batch-1 decode steps alone: (tokens/s, bandwidth beside)
-    graphed = b.cuda_graph and device.type == "cuda"
-    failures_before = len(graphed_decode.capture_failures)
+    graphs = graphed_decode.GraphWatch(b.cuda_graph, device)
     # On a GPU with graphs on, the batch-1 steps are also timed eager, beside: the graph's gain in the same rounds.
-    step_modes = {"": b.cuda_graph} | ({" eager": False} if graphed else {})
+    step_modes = {"": b.cuda_graph} | ({" eager": False} if graphs.asked else {})
     step_models = {}
     for bs in b.decode_batch_sizes:
         prompt = prompt1.expand(bs, -1).contiguous()
@@ -311,8 +310,7 @@ def bench(cfg: DictConfig) -> RunRecord:
         "step_breakdown": breakdown,
         "decode_tokens_per_sec": {k: summarize(v) for k, v in decode.items()},
         "decode_read_limit_b1": read_limit,
-        # asked for on a GPU, and none of the decode timings' captures failed (a failure decodes eagerly)
-        "decode_cuda_graph": graphed and len(graphed_decode.capture_failures) == failures_before,
+        "decode_cuda_graph": graphs.ran(),  # asked for on a GPU, and none of the decode timings' captures failed
         "decode_linears": linears,
         "kv_cache_bytes_per_token": {
             "configured": kv_cache_bytes_per_token(config.n_layer, config.n_kv_groups, config.head_dim),

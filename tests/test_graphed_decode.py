@@ -133,6 +133,8 @@ def test_a_failed_capture_warns_once_and_every_later_step_is_next_logits(monkeyp
     ours, ref = model.new_cache(2), model.new_cache(2)
     failures = []
     monkeypatch.setattr(graphed_decode, "capture_failures", failures)
+    watch = graphed_decode.GraphWatch(True, torch.device("cuda"))  # what the bench and evaluate report from
+    assert watch.ran() and not graphed_decode.GraphWatch(True, torch.device("cpu")).ran()
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     step = GraphedDecoder(model, ours)
     step.use_graph = True  # as on a GPU, whose capture then fails
@@ -149,6 +151,7 @@ def test_a_failed_capture_warns_once_and_every_later_step_is_next_logits(monkeyp
         for _ in range(3):  # no retry, no second warning: eager next_logits
             torch.testing.assert_close(step(tokens), model.next_logits(tokens, ref))
     assert failures == ["operation not permitted when stream is capturing"]
+    assert watch.failures() == failures and not watch.ran()
     assert step.failed and not step.graphed and ours.length == ref.length == 8
 
 

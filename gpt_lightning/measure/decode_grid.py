@@ -144,7 +144,7 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
     rates: dict[tuple, list[float]] = {}
     bandwidths: dict[tuple, list[float]] = {}  # (model, batch, context) -> the bandwidth beside each round
     peaks: list[float] = []  # the matmul peak beside each round
-    failures_before = len(graphed_decode.capture_failures)
+    graphs = graphed_decode.GraphWatch(cuda_graph, models[0].lm_head.weight.device)
     for r in range(repeats):
         peak_before = peak_probe() if peak and bandwidth else None  # a roofline needs both
         for b, L in cells:
@@ -161,9 +161,7 @@ def decode_grid(models: list[GPT], batch_sizes: list[int], contexts: list[int], 
         if peak and bandwidth:
             peaks.append((peak_before + peak_probe()) / 2)
         log(f"decode grid round {r + 1}/{repeats} done")
-    # graphs asked for on a GPU, and none of this grid's captures failed (a failure falls back to eager steps)
-    graphs_ran = (cuda_graph and models[0].lm_head.weight.is_cuda
-                  and len(graphed_decode.capture_failures) == failures_before)
+    graphs_ran = graphs.ran()  # asked for on a GPU, and none of this grid's captures failed
     rows = []
     for (i, b, L), values in rates.items():
         m = models[i]

@@ -78,13 +78,11 @@ def evaluate_checkpoint(path: str | Path, device: torch.device, data_overrides: 
     prompt_len = min(prompt_tokens, c.block_size - 1)
     new = min(new_tokens, c.block_size - prompt_len)
     prompt = dm.datasets["test"][0][0][:prompt_len].to(device)
-    failures_before = len(graphed_decode.capture_failures)
+    graphs = graphed_decode.GraphWatch(cuda_graph, device)
     decode = {f"b{b}": decode_tokens_per_sec(model, prompt.expand(b, -1).contiguous(), new, repeats, cuda_graph)
               for b in batch_sizes}
     details = {"decode_tokens_per_sec_by_batch": decode, "decode_prompt_tokens": prompt_len,
-               # graphs asked for on a GPU, and none of these decodes' captures failed (a failure decodes eagerly)
-               "decode_cuda_graph": (cuda_graph and device.type == "cuda"
-                                     and len(graphed_decode.capture_failures) == failures_before),
+               "decode_cuda_graph": graphs.ran(),  # asked for on a GPU, and none of these decodes' captures failed
                "decode_new_tokens": new, "test_tokens": len(dm.datasets["test"]) * c.block_size}
     if contexts:
         text = dm.datasets["test"][0][0][None].to(device)  # (1, block_size) real tokens to prefill from

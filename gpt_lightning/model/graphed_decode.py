@@ -40,6 +40,22 @@ GRAPH_MIN_KEYS = 64  # the smallest key bucket: short contexts share one graph
 capture_failures: list[str] = []  # this process's failed captures: what the bench and evaluate report
 
 
+class GraphWatch:
+    """Whether decode steps replayed CUDA graphs over a stretch of work (the bench's, a grid's, evaluate's): they
+    were asked for on a GPU and no capture failed since the watch began (a failure decodes eagerly from then on)."""
+
+    def __init__(self, asked: bool, device: torch.device):
+        self.asked = asked and torch.device(device).type == "cuda"
+        self.start = len(capture_failures)
+
+    def failures(self) -> list[str]:
+        """The reasons of the captures that failed since the watch began."""
+        return capture_failures[self.start:]
+
+    def ran(self) -> bool:
+        return self.asked and not self.failures()
+
+
 def key_bucket(n_keys: int, limit: int) -> int:
     """Cache positions a graph reads for a step whose cache holds `n_keys` (the new token's included): the next power
     of two, at least GRAPH_MIN_KEYS, at most `limit` (the cache's length)."""

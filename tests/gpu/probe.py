@@ -115,7 +115,7 @@ def decode_probe(config, dtype, batches: list[int], new: int, repeats: int, devi
     mean_len = prompt_len + new / 2  # mean cache length over the timed steps
     rows = []
     modes = [True, False] if device.type == "cuda" else [False]  # graphed and eager alternate on a GPU
-    failures_before = len(graphed_decode.capture_failures)
+    graphs = graphed_decode.GraphWatch(True, device)
     for b in batches:
         prompt = torch.randint(0, config.vocab_size, (b, prompt_len), device=device)
         times: dict[bool, list[float]] = {graph: [] for graph in modes}
@@ -127,7 +127,7 @@ def decode_probe(config, dtype, batches: list[int], new: int, repeats: int, devi
         for graph, seconds in times.items():
             step = statistics.median(seconds)
             # cuda_graph: asked for; graphs_ran: and no capture failed (a failure decodes eagerly)
-            ran = graph and len(graphed_decode.capture_failures) == failures_before
+            ran = graph and graphs.ran()
             rows.append({"batch": b, "context": config.block_size, "cuda_graph": graph, "graphs_ran": ran,
                          "step_ms": step * 1e3,
                          "tokens_per_sec": b / step, "bytes_per_step": weights + kv_per_token * mean_len * b,
@@ -267,6 +267,7 @@ def main() -> None:
             record.save(args.out)
         started = time.perf_counter()
         try:
+            graphs = graphed_decode.GraphWatch(True, device)
             rows = decode_probe(config, decode_dtype, [int(b) for b in args.decode_batches.split(",")],
                                 min(args.decode_new, config.block_size // 2), args.decode_repeats, device)
             for r in rows:
@@ -275,8 +276,7 @@ def main() -> None:
                 print(f"decode {config.attention} kv={kv} b{r['batch']}{' graph' if r['graphs_ran'] else ''}: "
                       f"{r['tokens_per_sec']:.0f} tokens/s, "
                       f"{r['step_ms']:.2f} ms/step, {r['bytes_per_step'] / 1e6:.0f} MB/step", flush=True)
-            for reason in graphed_decode.capture_failures[len(details.setdefault("capture_failures", [])):]:
-                details["capture_failures"].append(reason)
+            for reason in graphs.failures():
                 details["errors"].append(f"decode {config.attention} kv={kv}: CUDA graph capture failed: "
                                          f"{reason[:300]}")
             print(f"  ({time.perf_counter() - started:.1f}s)", flush=True)
