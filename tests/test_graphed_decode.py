@@ -155,6 +155,46 @@ def test_a_failed_capture_warns_once_and_every_later_step_is_next_logits(monkeyp
     assert step.failed and not step.graphed and ours.length == ref.length == 8
 
 
+def test_graphs_are_captured_afresh_after_the_weights_moved_and_refused_off_the_caches_dtype(monkeypatch):
+    model, other = tiny(2), tiny(2)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p))
+    prompt, tokens = torch.randint(0, 100, (2, 4)), torch.tensor([5, 6])
+    ours, ref = model.new_cache(2), model.new_cache(2)
+    step = GraphedDecoder(model, ours)
+    step.use_graph = True  # as on a GPU; a graph here is the fixed-shape step, replayed on the current weights
+    captures = []
+
+    class Replayed:
+        def __init__(self, keys):
+            self.view, self.logits = ours.prefix(keys), step._step(ours.prefix(keys))
+
+        def replay(self):
+            self.logits.copy_(step._step(self.view))
+
+    def capture(keys):
+        captures.append(keys)
+        graph = Replayed(keys)
+        return graph, graph.logits
+    monkeypatch.setattr(step, "_capture", capture)
+    with torch.no_grad():
+        model.last_logits(prompt, ours), model.last_logits(prompt, ref)
+        for _ in range(2):
+            torch.testing.assert_close(step(tokens), model.next_logits(tokens, ref))
+        assert captures == [16]  # block_size 16: one bucket, the whole cache
+        # new tensors for every weight: graphs captured before would read the old (freed) memory
+        model.load_state_dict(other.state_dict(), assign=True)
+        torch.testing.assert_close(step(tokens), model.next_logits(tokens, ref))
+        assert len(captures) == 2 and step.fingerprint == graphed_decode.weights_fingerprint(model)
+        step(tokens), model.next_logits(tokens, ref)  # the new graph replays: no third capture
+        assert len(captures) == 2
+        model.double()
+        with pytest.raises(ValueError, match="weights moved to cpu torch.float64 while this decoder's cache is cpu "
+                                             "torch.float32"):
+            step(tokens)
+
+
 def test_shared_decoder_is_kept_per_model_and_rebuilt_when_it_cannot_serve():
     model = tiny(2)
     with shared_decoder(model, 2) as first:

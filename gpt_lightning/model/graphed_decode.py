@@ -67,13 +67,25 @@ def weights_fingerprint(model: nn.Module) -> tuple:
     return tuple((p.data_ptr(), p.dtype) for p in model.parameters())
 
 
+def parameter_slots(model: nn.Module) -> list[tuple[dict, str]]:
+    """(a module's parameter dict, a name) for every parameter: reading the addresses through them takes ~8 us for
+    the 6-layer model against ~75 us for walking `model.parameters()`, cheap enough to check before every replay.
+    The dicts hold the parameters, not the modules, so a decoder keeping them keeps no model alive."""
+    return [(m._parameters, name) for m in model.modules() for name, p in m._parameters.items() if p is not None]
+
+
+def slot_addresses(slots: list[tuple[dict, str]]) -> list[int]:
+    return [params[name].data_ptr() for params, name in slots]
+
+
 class GraphedDecoder:
     """`model.next_logits(tokens, cache)` for one model and one cache, replayed from CUDA graphs, one per key bucket,
     each captured at the first step that needs it.
 
-    The cache's buffers must stay where they are (they do: `KVCache` writes in place, `reset` only rewinds), and the
-    model's weights too (in-place updates such as an optimizer step are seen; `.to()` is not: `shared_decoder`
-    checks). Prefills (`last_logits`, or a step into an empty cache) go on eagerly into the same buffers, and so does
+    The cache's buffers must stay where they are (they do: `KVCache` writes in place, `reset` only rewinds). In-place
+    weight updates (an optimizer step) are seen by the graphs as they are; weights that moved since the graphs were
+    captured (a state dict loaded by assignment, `.to()`: the graphs would read the old, maybe freed, memory) are
+    caught before the next replay, which captures afresh, or refuses if they left the cache's device or dtype. Prefills (`last_logits`, or a step into an empty cache) go on eagerly into the same buffers, and so does
     a step under autocast (whose cast weights would not outlive the capture). With `graph=False` the same
     fixed-shape bucketed step runs eagerly (how the CPU tests check it). The model is held weakly: a decoder kept in
     `shared_decoder`'s table must not keep its model alive.
@@ -91,6 +103,8 @@ class GraphedDecoder:
         self.failed = False  # a capture failed: eager next_logits from then on
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, its logits)
         self.fingerprint = weights_fingerprint(model)
+        self._slots = parameter_slots(model)
+        self._graph_addresses = slot_addresses(self._slots)  # where the weights were when the graphs were captured
         self.in_use = False  # a decode is running on this decoder's cache (shared_decoder)
 
     @property
@@ -149,6 +163,7 @@ class GraphedDecoder:
         if not self.use_graph:
             logits = self._step(self.cache.prefix(keys))
         else:
+            self._forget_graphs_if_weights_moved(model)
             if keys not in self.graphs:
                 try:
                     self.graphs[keys] = self._capture(keys)
@@ -165,6 +180,20 @@ class GraphedDecoder:
             graph.replay()
         self.cache.advance(1)
         return logits
+
+    def _forget_graphs_if_weights_moved(self, model: nn.Module) -> None:
+        """Drop graphs captured against weights that have since moved (they would read the old addresses); the
+        steps that follow capture new ones. Weights now on another device or in another dtype than the cache's
+        cannot decode into it at all: a clear error instead of a wrong read."""
+        addresses = slot_addresses(self._slots)
+        if addresses == self._graph_addresses:
+            return
+        weight, cache = model.lm_head.weight, self.cache.k[0]
+        if weight.device != cache.device or weight.dtype != cache.dtype:
+            raise ValueError(f"the model's weights moved to {weight.device} {weight.dtype} while this decoder's cache "
+                             f"is {cache.device} {cache.dtype}: start a new decode (a new decoder) after moving a model")
+        self.graphs, self._graph_addresses = {}, addresses
+        self.fingerprint = weights_fingerprint(model)
 
 
 def bucket_starts(context: int, new_tokens: int, limit: int) -> list[int]:
