@@ -19,7 +19,7 @@ from gpt_lightning.model.recompute import TiedGradient, compute_dtype
 CHUNK_ELEMENTS = 1 << 25
 # Under bf16 the fp32 softmax of a chunk runs in this many row blocks (see LMHeadLoss.forward).
 SOFTMAX_BLOCKS = 4
-# fp32 on a CPU: the weight gradient is built in at most this many vocabulary blocks per chunk (fewer below 512
+# fp32 on a CPU, and bf16/fp16: the weight gradient is built in at most this many vocabulary blocks per chunk (fewer below 512
 # vocabulary rows; see weight_gradient_block_rows).
 WEIGHT_GRADIENT_BLOCKS = 8
 
@@ -69,7 +69,8 @@ class LMHeadLoss(torch.autograd.Function):
     lse = max + log(sum) = max - log(max p) (max p >= 1/V never underflows, where log(p[target]) could); and,
     when a backward will follow, the gradient of the summed loss (softmax - onehot) written back over the logits,
     then folded at once into grad_hidden (rows, C) and grad_weight (V, C, with the mean's 1/N applied by the GEMM,
-    or by the blocked add of `add_weight_gradient_in_blocks` for fp32 on a CPU).
+    or by the blocked add of `add_weight_gradient_in_blocks`, for fp32 on a CPU and for bf16/fp16 everywhere: the
+    weight gradient is summed in fp32 whatever the compute dtype).
     Only those two (the size of the inputs) are kept for backward, which just scales them. So no (N, V) buffer is
     ever alive, and, unlike recomputing the logits in
     backward ("cut cross-entropy"), the LM head's three matmuls run once each, as unfused.
@@ -87,7 +88,10 @@ class LMHeadLoss(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             if need_grad:  # allocated before the chunk buffers, which go when forward returns (less heap left in holes)
                 grad_h = torch.empty_like(h)  # (N, C)
-                grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device)  # (V_padded, C)
+                # (V_padded, C), summed in fp32 whatever the compute dtype: summed in bf16 its error grew with the
+                # number of chunks (2.6e-3 relative at 1 chunk, 1.4e-2 at 128), and in fp16 with the 1/N inside,
+                # before GradScaler's scale exists, the rare tokens' rows underflowed
+                grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             onednn = cpu_matmul.takes_onednn(h, w)  # fp32 on a CPU: oneDNN's products, each into a new tensor
             buffer = None if onednn else torch.empty(min(rows, N), V, dtype=dtype, device=hidden.device)  # reused
             # Under bf16 the fp32 softmax runs over a quarter of a chunk at a time: the matmuls keep their chunk
@@ -114,12 +118,14 @@ class LMHeadLoss(torch.autograd.Function):
                 if need_grad:
                     if onednn:
                         grad_h[s:s + n] = cpu_matmul.mm(logits, w)  # (n, C): N x its share; backward divides by N
-                        add_weight_gradient_in_blocks(grad_w, logits, hs, 1.0 / N)
                     else:
                         torch.mm(logits, w, out=grad_h[s:s + n])
-                        # (V_padded, C), accumulated over chunks with the 1/N inside the GEMM (free): the summed
-                        # loss's weight gradient grows with N and would overflow fp16 at large batches
-                        grad_w.addmm_(logits.t(), hs, alpha=1.0 / N)
+                    # (V_padded, C), the 1/N applied as each chunk is summed: the summed loss's weight gradient grows
+                    # with N and would overflow fp16 at large batches
+                    if dtype == torch.float32 and not onednn:
+                        grad_w.addmm_(logits.t(), hs, alpha=1.0 / N)  # fp32 in, fp32 sum: the 1/N free in the GEMM
+                    else:
+                        add_weight_gradient_in_blocks(grad_w, logits, hs, 1.0 / N, transpose_copy=onednn)
                 logits = lb = x = p = None  # this chunk's logits go before the next chunk's are made
             # Kept on ctx, not saved for backward: backward scales them in place and hands them over, so the
             # (V, C) weight gradient is never there twice. The price: one backward per forward (no retain_graph).
@@ -140,11 +146,17 @@ class LMHeadLoss(torch.autograd.Function):
 
 
 def add_weight_gradient_in_blocks(grad_w: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor,
-                                  scale: float) -> None:
-    """grad_w (V, C) += scale * grad_logits.T @ hidden, for (n, V) grad_logits and (n, C) hidden, on oneDNN (fp32, CPU).
+                                  scale: float, transpose_copy: bool = True) -> None:
+    """grad_w (V, C) += scale * grad_logits.T @ hidden, for (n, V) grad_logits and (n, C) hidden: the product in their
+    dtype, the sum in grad_w's (fp32). For fp32 on a CPU (oneDNN's products, `transpose_copy`), and for bf16/fp16,
+    whose products cannot add into an fp32 tensor in one GEMM (`addmm_` wants one dtype; CUDA's `out_dtype` has no
+    CPU kernel): a block's bf16 product is rounded once and summed in fp32, so the error stays that of one bf16
+    product however many chunks a step has (fp16 takes fp32 products: see below) (an fp32 sum of a whole (V, C) bf16 product per chunk would make a
+    vocabulary-sized temporary per chunk; a block's is (Vb, C)).
 
     In blocks of `weight_gradient_block_rows(V)` vocabulary rows: each block's (n, Vb) gradient is copied transposed,
-    contiguous, and multiplied into a (Vb, C) product that is added to grad_w. On the dev CPU at 512 rows (the bench
+    contiguous (with `transpose_copy`; aten's bf16 GEMM takes the transposed view as it is), and multiplied into a
+    (Vb, C) product that is added to grad_w. On the dev CPU at 512 rows (the bench
     shape), the 4 chunks of a step take ~236 ms this way, against ~390 ms by aten's addmm_ (MKL's AVX2 path,
     ~204 GFLOP/s). Whole-vocabulary oneDNN products were as fast or faster (h.T @ g as (C, V): ~190 ms; g.T @ h
     as (V, C): ~240 ms), but oneDNN writes each product to a new tensor, and that second vocabulary-sized tensor
@@ -153,8 +165,13 @@ def add_weight_gradient_in_blocks(grad_w: torch.Tensor, grad_logits: torch.Tenso
     """
     V = grad_w.size(0)
     rows = weight_gradient_block_rows(V)
+    # fp16: products in fp32. The summed loss's product overflows fp16's 65504 at large chunks (8192 rows of
+    # |hidden| ~ 10), and with the mean's 1/N inside the GEMM the rare tokens' rows underflow instead.
+    wide = grad_logits.dtype == torch.float16
+    hidden = hidden.float() if wide else hidden
     for a in range(0, V, rows):
-        block = grad_logits[:, a:a + rows].t().contiguous()  # (Vb, n)
+        block = grad_logits[:, a:a + rows].t()  # (Vb, n)
+        block = block.float() if wide else block.contiguous() if transpose_copy else block
         grad_w[a:a + rows].add_(cpu_matmul.mm(block, hidden), alpha=scale)  # (Vb, C)
 
 
