@@ -232,6 +232,30 @@ def test_bf16_weight_decode_matches_fp32_greedy_on_a_trained_model():
                               f"fp32 {fp32.tolist()} vs bf16 {low.tolist()}"
 
 
+def test_fp16_weights_decode_on_a_cpu_whose_onednn_cannot_pack_them():
+    # oneDNN packs fp16 weights only with avx_ne_convert or avx512_fp16; elsewhere decode's layout used to raise
+    model = tiny(2).half()
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0)
+    assert out.shape == (1, 7) and not model.lm_head.__dict__.get("forward")  # the layout is gone afterwards
+
+
+def test_decode_layout_falls_back_when_onednn_cannot_take_the_weights_dtype(monkeypatch):
+    from gpt_lightning.model import sampling
+    monkeypatch.setattr(sampling, "onednn_linear_available", lambda dtype=torch.float32: dtype == torch.float32)
+    model = tiny(2).to(torch.bfloat16)  # as on an AVX2-only CPU: no bf16 oneDNN
+    packs = []
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", lambda *a: packs.append(a) or a[0])
+    cache, ref = model.new_cache(1), model.new_cache(1)
+    tokens = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        want = [model.last_logits(tokens, ref), model.next_logits(torch.tensor([4]), ref)]
+        with cpu_matvec_layout(model, rows=1):
+            got = [model.last_logits(tokens, cache), model.next_logits(torch.tensor([4]), cache)]
+    assert not packs
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_next_token_loss_matches_cross_entropy_value_and_gradient(dtype):
     from gpt_lightning.model import NextTokenLoss

@@ -34,11 +34,12 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 @functools.cache
-def onednn_linear_available() -> bool:
-    """oneDNN's prepacked linear (what inductor uses on CPUs) works in this torch build."""
+def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN's prepacked linear (what inductor uses on CPUs) works in this torch build, on this CPU, in `dtype`:
+    fp16 needs avx_ne_convert or avx512_fp16, bf16 AVX-512 (an AVX2-only CPU has neither), fp32 only the build."""
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 4), 1)
-        return onednn_linear(torch.ones(1, 4), packed).shape == (1, 4)
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 4, dtype=dtype), 1)
+        return onednn_linear(torch.ones(1, 4, dtype=dtype), packed).shape == (1, 4)
     except (AttributeError, RuntimeError):
         return False
 

@@ -64,8 +64,8 @@ def cpu_matvec_layout(model: nn.Module, rows: int = 1, layout: str = "onednn"):
     if next(model.parameters()).device.type != "cpu":
         yield
         return
-    if layout == "onednn" and not onednn_linear_available():
-        layout = "transposed"
+    if layout == "onednn" and not all(onednn_linear_available(m.weight.dtype) for m in linears):
+        layout = "transposed"  # e.g. fp16 weights on a CPU without avx512_fp16: oneDNN refuses to pack them
 
     def onednn_forward(module: nn.Linear, packed: torch.Tensor):
         bias = None if module.bias is None else module.bias.detach()
