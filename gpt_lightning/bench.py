@@ -492,8 +492,8 @@ def format_table(r: dict) -> str:
 def main(cfg: DictConfig) -> None:
     with exits_on_user_error():
         record = bench(cfg)
+    out = record.save(Path(cfg.bench.json))  # first: a failure formatting the table must not lose the minutes measured
     print(format_table(record.details))
-    out = record.save(Path(cfg.bench.json))
     print(f"\nwrote {out.resolve()}")
     if cfg.bench.plots and record.details.get("decode_grid"):
         for path in grid.plot_grid(record.details["decode_grid"], record.details["decode_grid_budget"], out.parent):

@@ -45,6 +45,22 @@ def test_contexts_are_capped_to_leave_room_for_the_new_tokens():
     assert grid.effective_contexts([128, 512, 1024, 2048], block_size=1024, new_tokens=32) == [128, 512, 992]
 
 
+def test_new_tokens_filling_the_block_are_refused_before_any_work(monkeypatch):
+    with pytest.raises(ValueError, match="32 new tokens leave no context in block_size=32"):
+        grid.effective_contexts([128], block_size=32, new_tokens=32)  # was [0]: an IndexError in the grid's prefill
+    from gpt_lightning.common.errors import UserError
+    from gpt_lightning.measure import evaluation
+
+    model = GPT(GPTConfig(vocab_size=100, block_size=32, n_layer=1, n_head=2, n_kv_groups=1, n_embd=16))
+    monkeypatch.setattr(evaluation, "load_checkpoint", lambda path: {})
+    monkeypatch.setattr(evaluation, "load_gpt", lambda ckpt, map_location: (model, {}))
+    monkeypatch.setattr(evaluation, "data_settings", lambda *a: pytest.fail("the test split was read first"))
+    with pytest.raises(UserError, match="decode.grid_new_tokens=32 leaves no context in this checkpoint's "
+                                        "block_size=32"):
+        evaluation.evaluate_checkpoint("x.ckpt", torch.device("cpu"), {}, 4, 4, [1], 1, contexts=[16],
+                                       grid_new_tokens=32)
+
+
 def test_prefilled_cache_holds_the_prefill_of_every_row():
     model = tiny(2)
     g = torch.Generator().manual_seed(0)
@@ -163,6 +179,19 @@ def test_step_breakdown_groups_the_ops_of_a_training_step():
     b = step_breakdown(c, steps=1, top=5)
     assert b["step_ms"] > 0 and len(b["top_ops"]) == 5
     assert sum(b["groups"].values()) == pytest.approx(1.0)
+
+
+def test_ops_inside_sdpas_math_path_count_as_attention():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import profile
+
+    from gpt_lightning.measure.profile import group_of_event
+
+    q = k = v = torch.randn(2, 4, 16, 8)
+    with sdpa_kernel(SDPBackend.MATH), profile() as prof:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    inner = [e for e in prof.events() if e.name in ("aten::bmm", "aten::matmul", "aten::_softmax")]
+    assert inner and {group_of_event(e) for e in inner} == {"attention"}  # was "matmul" and "softmax (loss)"
 
 
 def test_step_breakdown_counts_attention_built_from_matmuls_as_attention():

@@ -195,6 +195,23 @@ def test_graphs_are_captured_afresh_after_the_weights_moved_and_refused_off_the_
             step(tokens)
 
 
+def test_under_deterministic_algorithms_decode_is_eager_and_not_reported_as_graphed(monkeypatch):
+    model = tiny(2)
+    prompt, tokens = torch.randint(0, 100, (2, 4)), torch.tensor([5, 6])
+    ours, ref = model.new_cache(2), model.new_cache(2)
+    step = GraphedDecoder(model, ours)
+    step.use_graph = True  # as on a GPU
+    monkeypatch.setattr(step, "_capture", lambda keys: pytest.fail("a capture under deterministic algorithms"))
+    monkeypatch.setattr(step, "_step", lambda view: pytest.fail("the bucketed step under deterministic algorithms"))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not graphed_decode.GraphWatch(True, torch.device("cuda")).ran()  # was True: nothing failed
+    with torch.no_grad():
+        model.last_logits(prompt, ours), model.last_logits(prompt, ref)
+        for _ in range(3):
+            torch.testing.assert_close(step(tokens), model.next_logits(tokens, ref))
+    assert ours.length == ref.length == 7
+
+
 def test_shared_decoder_is_kept_per_model_and_rebuilt_when_it_cannot_serve():
     model = tiny(2)
     with shared_decoder(model, 2) as first:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from gpt_lightning.common.files import atomic_file
 from gpt_lightning.measure.decode_linears import linear_bytes_and_flops
 from gpt_lightning.measure.limits import bracketed
 from gpt_lightning.measure.timing import summarize, sync
@@ -67,7 +68,10 @@ def largest_batch(budget_bytes: float, weight_bytes: int, cache_bytes_per_token:
 
 
 def effective_contexts(contexts: list[int], block_size: int, new_tokens: int) -> list[int]:
-    """Each requested context, capped so that context + new_tokens stays within block_size (duplicates dropped)."""
+    """Each requested context, capped so that context + new_tokens stays within block_size (duplicates dropped).
+    Raises ValueError when new_tokens leave no context at all (the callers refuse that setting first)."""
+    if new_tokens >= block_size:
+        raise ValueError(f"{new_tokens} new tokens leave no context in block_size={block_size}")
     return sorted({min(c, block_size - new_tokens) for c in contexts if c >= 1})
 
 
@@ -286,7 +290,8 @@ def plot_grid(rows: list[dict], budget: list[dict], out_dir: Path,
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     paths.append(out_dir / names[0])
-    fig.savefig(paths[-1], dpi=120)
+    with atomic_file(paths[-1]) as f:  # a kill mid-write leaves the old plot, not half a PNG
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
     if budget:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -299,6 +304,7 @@ def plot_grid(rows: list[dict], budget: list[dict], out_dir: Path,
         ax.legend(fontsize=8)
         fig.tight_layout()
         paths.append(out_dir / names[1])
-        fig.savefig(paths[-1], dpi=120)
+        with atomic_file(paths[-1]) as f:
+            fig.savefig(f, dpi=120, format="png")
         plt.close(fig)
     return paths

@@ -61,6 +61,9 @@ def evaluate_checkpoint(path: str | Path, device: torch.device, data_overrides: 
     path = Path(path).expanduser().resolve()
     ckpt = load_checkpoint(path)
     model, hparams = load_gpt(ckpt, map_location=device)
+    if contexts and grid_new_tokens >= model.config.block_size:  # before the test loss, not after it
+        raise UserError(f"decode.grid_new_tokens={grid_new_tokens} leaves no context in this checkpoint's "
+                        f"block_size={model.config.block_size}; use fewer new tokens")
     settings = data_settings(ckpt, data_overrides)
     if not settings.get("test_fraction"):
         raise UserError(f"data.test_fraction={settings.get('test_fraction')}: there is no test split to evaluate on; "

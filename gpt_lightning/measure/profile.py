@@ -25,14 +25,17 @@ def group_of(op: str) -> str:
     return "other"
 
 
-def in_scope(event, label: str) -> bool:
-    """Whether a profiler event ran inside a `record_function(label)` (directly or further up)."""
+def group_of_event(event) -> str:
+    """`group_of` an op, except that ops run inside attention count as attention: inside an ATTENTION_SCOPE
+    (`matmul_attention`), or inside SDPA's own op (its math path: the bmm and softmax CUDA's fp32 GQA can fall back
+    to, which would otherwise land in "matmul" and "softmax (loss)"). The math path's backward ops run under autograd
+    nodes with no SDPA parent and still count by their own names."""
     parent = event.cpu_parent
     while parent is not None:
-        if parent.name == label:
-            return True
+        if parent.name == ATTENTION_SCOPE or "scaled_dot_product" in parent.name:
+            return "attention"
         parent = parent.cpu_parent
-    return False
+    return group_of(event.name)
 
 
 def step_breakdown(contender, steps: int = 2, top: int = 10) -> dict:
@@ -49,7 +52,7 @@ def step_breakdown(contender, steps: int = 2, top: int = 10) -> dict:
     groups: dict[str, float] = {}
     for e in prof.events():
         if e.name.startswith(("aten::", "mkldnn::")):
-            group = "attention" if in_scope(e, ATTENTION_SCOPE) else group_of(e.name)
+            group = group_of_event(e)
             groups[group] = groups.get(group, 0.0) + (e.self_device_time_total if cuda else e.self_cpu_time_total)
     ranked = sorted(self_us.items(), key=lambda kv: -kv[1])[:top]
     return {"step_ms": total / steps / 1e3,

@@ -23,7 +23,10 @@ def sync(device: torch.device) -> None:
 @torch.no_grad()
 def time_decode(model, prompt: torch.Tensor, new_tokens: int, hf: bool = False, cuda_graph: bool = True) -> float:
     """One greedy KV-cached decode of `new_tokens` after (B, T) `prompt`: new tokens per second, all rows counted.
-    `hf=True` times a Hugging Face model's own `generate` the same way. `cuda_graph`: see `stream_tokens`."""
+    `hf=True` times a Hugging Face model's own `generate` the same way. `cuda_graph`: see `stream_tokens`.
+    What a `generate` call costs, all of it: the prefill, and on a CPU the repacking of every weight for decode's
+    layout (`cpu_matvec_layout`, about one pass over the weights per call). The decode steps alone are timed by
+    `decode_grid.time_decode_at` (the bench's "decode steps only" rows, and the grid)."""
     sync(prompt.device)
     start = time.perf_counter()
     if hf:

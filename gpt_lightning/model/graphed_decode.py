@@ -14,9 +14,9 @@ before each replay; the logits come back in the bucket graph's own output tensor
 
 Entry points: `decode_step` (a decoder over a cache the caller owns: the decode grid, with the capture in its
 untimed warm-up step) and `shared_decoder` (a decoder with its own cache, kept per model and batch size across
-decodes, so `generate`'s graphs are captured once, not at every call). On a CPU, and with deterministic algorithms
-on (CUDA's deterministic `index_copy_` checks its indices on the host, which a capture cannot hold), `decode_step`
-is the eager `GPT.next_logits`. If a capture fails, that decoder warns, appends the reason to `capture_failures`
+decodes, so `generate`'s graphs are captured once, not at every call). On a CPU `decode_step` is the eager
+`GPT.next_logits`; with deterministic algorithms on (CUDA's deterministic `index_copy_` checks its indices on the
+host, which a capture cannot hold) so is every step on a GPU, `shared_decoder`'s included. If a capture fails, that decoder warns, appends the reason to `capture_failures`
 (what the bench and evaluate count to say whether graphs ran), and decodes eagerly through `next_logits` from then
 on: the same tokens, no graph.
 """
@@ -42,10 +42,12 @@ capture_failures: list[str] = []  # this process's failed captures: what the ben
 
 class GraphWatch:
     """Whether decode steps replayed CUDA graphs over a stretch of work (the bench's, a grid's, evaluate's): they
-    were asked for on a GPU and no capture failed since the watch began (a failure decodes eagerly from then on)."""
+    were asked for on a GPU, deterministic algorithms were off (under them decode is eager) and no capture failed
+    since the watch began (a failure decodes eagerly from then on)."""
 
     def __init__(self, asked: bool, device: torch.device):
-        self.asked = asked and torch.device(device).type == "cuda"
+        self.asked = (asked and torch.device(device).type == "cuda"
+                      and not torch.are_deterministic_algorithms_enabled())
         self.start = len(capture_failures)
 
     def failures(self) -> list[str]:
@@ -99,7 +101,7 @@ class GraphedDecoder:
         with torch.inference_mode(False):  # normal tensors: writable in and out of inference mode (validation hooks)
             self.tokens = torch.zeros(cache.k[0].size(0), dtype=torch.long, device=device)  # (B,) replay input
             self.pos = torch.zeros(1, dtype=torch.long, device=device)  # (1,) replay input
-        self.use_graph = graph and device.type == "cuda" and not torch.are_deterministic_algorithms_enabled()
+        self.use_graph = graph and device.type == "cuda"
         self.failed = False  # a capture failed: eager next_logits from then on
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, its logits)
         self.fingerprint = weights_fingerprint(model)
@@ -155,8 +157,9 @@ class GraphedDecoder:
             raise ValueError(f"sequence of {length + 1} tokens exceeds the cache's {self.limit} positions")
         if tokens.shape != self.tokens.shape:
             raise ValueError(f"tokens of shape {tuple(tokens.shape)} for a cache of batch {self.tokens.size(0)}")
-        if not length or self.failed or torch.is_autocast_enabled(self.tokens.device.type):
-            return model.next_logits(tokens, self.cache)  # a prefill, a failed capture, or autocast: eager
+        if (not length or self.failed or torch.is_autocast_enabled(self.tokens.device.type)
+                or (self.use_graph and torch.are_deterministic_algorithms_enabled())):
+            return model.next_logits(tokens, self.cache)  # a prefill, a failed capture, autocast, determinism: eager
         keys = key_bucket(length + 1, self.limit)
         self.tokens.copy_(tokens)
         self.pos.fill_(length)
@@ -208,7 +211,8 @@ def bucket_starts(context: int, new_tokens: int, limit: int) -> list[int]:
 def decode_step(model: nn.Module, cache: KVCache, cuda_graph: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """The decode step for this cache, tokens (B,) -> logits (B, vocab_size), advancing the cache by one: replayed
     from CUDA graphs on a GPU (unless `cuda_graph` is False), `model.next_logits` otherwise."""
-    if cuda_graph and cache.k[0].device.type == "cuda" and not model.training:
+    if (cuda_graph and cache.k[0].device.type == "cuda" and not model.training
+            and not torch.are_deterministic_algorithms_enabled()):
         return GraphedDecoder(model, cache)
     return functools.partial(model.next_logits, cache=cache)
 
