@@ -3,6 +3,7 @@ tests against the baseline, report sentences, plots and bad input."""
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -407,3 +408,21 @@ def test_rows_of_another_model_duplicates_and_non_finite_speeds_are_skipped(tmp_
     assert cell["n"] == 1 and cell["tokens_per_sec_mean"] == 150.0 and cell["speedup_vs_baseline"] == 1.5
     report = (c.out / "report.md").read_text()
     assert "no interval: fewer than 2 runs on a side, or no spread" in report
+
+
+# ------------------------------------------------------------------ repeated launches, bad --out, what is on disk
+
+def test_a_resumed_run_keeps_the_value_logged_last_at_a_step(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from gpt_lightning.analysis.runs import read_curves
+
+    run = tmp_path / "run"
+    # the resume (wall time 200) logged step 20 again, lower; its file may sort before or after the first one's
+    for points in ([(10, 3.0, 100.0), (20, 2.5, 110.0)], [(20, 2.4, 200.0), (30, 2.2, 210.0)]):
+        with SummaryWriter(str(run / "tb")) as w:
+            for step, value, wall in points:
+                w.add_scalar("val/loss", value, step, walltime=wall)
+    scalars, source = read_curves(run)
+    assert source == "tensorboard"
+    assert scalars["val/loss"] == [(10, 3.0), (20, pytest.approx(2.4)), (30, pytest.approx(2.2))]
