@@ -412,6 +412,42 @@ def test_rows_of_another_model_duplicates_and_non_finite_speeds_are_skipped(tmp_
 
 # ------------------------------------------------------------------ repeated launches, bad --out, what is on disk
 
+def test_a_png_write_that_fails_keeps_the_previous_file(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from gpt_lightning.analysis import plots
+
+    (tmp_path / "x.png").write_bytes(b"previous")
+
+    def half_written(self, fname, **kwargs):
+        (open(fname, "wb") if isinstance(fname, (str, Path)) else fname).write(b"half a png")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        plots._figure(tmp_path, "x.png", lambda ax: ax.plot([1, 2]))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"] and (tmp_path / "x.png").read_bytes() == b"previous"
+
+
+def test_uptrain_methods_y_limits_hold_every_error_bar():
+    from gpt_lightning.analysis.arms import BY_KEY, Arm
+    from gpt_lightning.analysis.plots import _pyplot, methods_by_alpha
+    from gpt_lightning.analysis.stats import Summary
+
+    metric = BY_KEY["test_bpb"]
+    arms = []
+    for method, alpha, mean, half in (("mean", 0.05, 2.00, 0.20), ("first", 0.05, 2.01, 0.02)):
+        arm = Arm(f"{method}{alpha}", [{"run": method, "status": "complete", "uptrain_method": method,
+                                         "uptrain_alpha": alpha}])
+        arm.summaries = {metric.key: Summary(3, mean, half, mean - half, mean + half, half)}
+        arms.append(arm)
+    fig, ax = _pyplot().subplots()
+    methods_by_alpha(ax, arms, metric)
+    low, high = ax.get_ylim()
+    _pyplot().close(fig)
+    assert low < 2.00 - 0.20 and high > 2.00 + 0.20
+
+
 def test_a_resumed_run_keeps_the_value_logged_last_at_a_step(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 

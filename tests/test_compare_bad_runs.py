@@ -58,3 +58,24 @@ def test_every_bad_run_is_a_row_with_its_reason(tmp_path):
         assert [r["run"] for r in csv.DictReader(f)] == sorted(rows)
     table = (tmp_path / "comparison.md").read_text()
     assert all(f"| {name} |" in table for name in rows)
+
+
+def test_an_unreadable_or_ill_shaped_search_file_is_a_note_not_a_traceback(tmp_path):
+    good = RunRecord(kind="train", n_layer=2, n_embd=64, n_head=4, kv_groups=4, parameters=1000, best_val_loss=2.0)
+    make_run(tmp_path, "0_mha", kv_groups=4, record=good)
+    for folder, text in (("cut", 'objective: val\narms:\n  - arm: {kv: 1}\n    best_run: "0_kv'),  # truncated
+                         ("listed", "- 1\n- 2\n"),                                              # a YAML list
+                         ("arms_text", "arms: nothing\n"),
+                         ("good", "objective: best_val_loss\narms:\n  - arm: {kv: 4}\n    best_value: 2.5\n"
+                                  "    best_params: {lr: 0.001}\n    trials: {complete: 2, fail: 1}\n")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "optimization_results.yaml").write_text(text)
+
+    compare(tmp_path)
+
+    md = (tmp_path / "comparison.md").read_text()
+    section = md[md.index("## Hyperparameter search"):]
+    assert "| good | kv=4 | lr=0.001 | 2.5000 | 2 / 1 | — |" in section
+    assert "Not read: cut/optimization_results.yaml: ScannerError: while scanning a quoted scalar" in section
+    assert "Not read: listed/optimization_results.yaml: a mapping with an `arms` list expected, found a list." in section
+    assert "Not read: arms_text/optimization_results.yaml: `arms` is not a list of mappings." in section
