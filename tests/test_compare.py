@@ -412,6 +412,26 @@ def test_rows_of_another_model_duplicates_and_non_finite_speeds_are_skipped(tmp_
 
 # ------------------------------------------------------------------ repeated launches, bad --out, what is on disk
 
+def test_a_seed_launched_twice_into_one_folder_counts_once_the_newest(tmp_path):
+    root = tmp_path / "parent"
+    old, new = {1: [2.10, 2.13, 2.11], 4: [2.00, 2.02, 2.01]}, {1: [2.11, 2.14, 2.12], 4: [2.00, 2.03, 2.01]}
+    for launch, values, mtime in (("a", old, 1_000_000), ("b", new, 2_000_000)):
+        for kv in (1, 4):
+            for seed, bpb in zip((1, 2, 3), values[kv]):
+                run = make_run(root / launch, f"kv{kv}_s{seed}", kv, seed, bpb)
+                os.utime(run / "summary.json", (mtime, mtime))  # launch b finished later
+    c = compare(root)
+    arms = arms_by_label(root)
+    assert [(a["runs"], a["n"], a["duplicate_seeds"]) for a in arms.values()] == [("3", "3", "3"), ("3", "3", "3")]
+    assert float(arms["kv_groups=1"]["test_bpb_mean"]) == pytest.approx(np.mean(new[1]))  # the newer launch
+    assert float(arms["kv_groups=1"]["test_bpb_diff_ci_low"]) == pytest.approx(compare_means(new[1], new[4]).ci_low)
+    report = (root / "report.md").read_text()
+    assert "Duplicate seed, not counted: `a/kv1_s2` (seed 2 of kv_groups=1 (MQA); counted instead: `b/kv1_s2`, finished later)" in report
+    runs = {r["run"]: r for r in read_csv(root / "runs.csv")}
+    assert runs["a/kv4_s1"]["status"] == "complete; duplicate seed, not counted (counted: b/kv4_s1)"
+    assert runs["b/kv4_s1"]["status"] == "complete" and len(c.rows) == 12
+
+
 def test_a_png_write_that_fails_keeps_the_previous_file(tmp_path, monkeypatch):
     import matplotlib.figure
 
@@ -446,6 +466,18 @@ def test_uptrain_methods_y_limits_hold_every_error_bar():
     low, high = ax.get_ylim()
     _pyplot().close(fig)
     assert low < 2.00 - 0.20 and high > 2.00 + 0.20
+
+
+def test_the_val_loss_gap_leaves_out_an_arm_without_curves_and_names_it(tmp_path):
+    root = tmp_path / "sweep"
+    for seed in (1, 2, 3):
+        make_run(root, f"kv1_s{seed}", 1, seed, 2.1, curve=[3.0 + 0.01 * seed, 2.6 + 0.01 * seed])
+        make_run(root, f"kv2_s{seed}", 2, seed, 2.05)  # no curves logged
+        make_run(root, f"kv4_s{seed}", 4, seed, 2.0, curve=[3.0 + 0.02 * seed, 2.5 + 0.01 * seed])
+    report = (compare(root).out / "report.md").read_text()
+    table = report[report.index("### Val-loss gap over training"):report.index("## Plots")]
+    assert "| step | kv_groups=1 (MQA) |" in table and "| 20 | +0.1000" in table
+    assert "Left out (no val-loss curve in their finished runs): kv_groups=2 (GQA)." in table
 
 
 def test_a_resumed_run_keeps_the_value_logged_last_at_a_step(tmp_path):

@@ -177,6 +177,8 @@ def read_run(run: Path, root: Path) -> dict:
     curve = scalars.get("val/loss", [])
     record = None
     if (run / TRAIN_RECORD).is_file():
+        # when the run finished: train writes its record once, at the end (a seed run twice keeps the newer)
+        row["finished_at"] = (run / TRAIN_RECORD).stat().st_mtime
         try:
             record = RunRecord.load(run / TRAIN_RECORD)
         except RecordError as e:
