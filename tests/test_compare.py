@@ -432,6 +432,51 @@ def test_a_seed_launched_twice_into_one_folder_counts_once_the_newest(tmp_path):
     assert runs["b/kv4_s1"]["status"] == "complete" and len(c.rows) == 12
 
 
+def test_out_naming_an_existing_file_is_refused_in_one_line_before_any_work(sweep, tmp_path, capsys):
+    target = tmp_path / "report.txt"
+    target.write_text("keep me")
+    for out in (target, target / "sub"):
+        with pytest.raises(SystemExit) as exit:
+            compare_main([str(sweep), "--out", str(out)])
+        assert exit.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: --out {out}") and "pass --out a folder" in err
+    assert target.read_text() == "keep me" and not (sweep / "comparison.md").exists()
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_compare_that_fails_while_building_the_report_leaves_the_folder_as_it_was(sweep, monkeypatch):
+    compare(sweep)
+    before = _snapshot(sweep)
+    make_run(sweep, "9_kv4_s4", 4, 4, 2.05, curve=[3.0, 2.4])  # the next report would differ in every table
+
+    def broken(c):
+        raise RuntimeError("report_md failed")
+
+    monkeypatch.setattr("gpt_lightning.analysis.report.report_md", broken)
+    with pytest.raises(RuntimeError, match="report_md failed"):
+        compare(sweep)
+    after = {k: v for k, v in _snapshot(sweep).items() if not k.startswith("9_kv4_s4/")}
+    assert after == before  # no plot, csv or md rewritten, no temporary left
+
+
+def test_outputs_of_an_earlier_compare_that_this_one_did_not_produce_are_removed(grid_sweep):
+    compare(grid_sweep)
+    assert (grid_sweep / "decode_grid.csv").is_file() and (grid_sweep / "decode_grid_vs_kv_groups.png").is_file()
+    (grid_sweep / "notes.png").write_bytes(b"mine")  # not a name compare writes: left alone
+    for record in grid_sweep.glob("*/checkpoints/*.eval.json"):
+        record.unlink()
+    c = compare(grid_sweep)
+    assert c.grid == [] and not (grid_sweep / "decode_grid.csv").exists()
+    assert not (grid_sweep / "decode_grid_vs_kv_groups.png").exists()
+    assert not (grid_sweep / "largest_batch_vs_kv_groups.png").exists()
+    assert (grid_sweep / "notes.png").read_bytes() == b"mine" and (grid_sweep / "val_loss.png").is_file()
+    assert not list(grid_sweep.glob(".compare-*"))
+
+
 def test_a_png_write_that_fails_keeps_the_previous_file(tmp_path, monkeypatch):
     import matplotlib.figure
 

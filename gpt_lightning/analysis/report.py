@@ -1,13 +1,19 @@
 """The comparison of a folder of runs: `comparison.md` (arms, then runs), `comparison.csv` (arms), `runs.csv`
 (runs), `report.md` (one finding per arm against the baseline, what more seeds would resolve) and the plots.
 
-Everything is computed, and every bad input refused, before the first file is written.
+Everything is computed, and every bad input refused, before the first file is written: the plots are drawn into a
+temporary folder inside the output folder, every table and text is built, and only then is each file moved into
+place (a rename, so a reader never sees half a file). Outputs of an earlier compare that this one did not produce
+(a decode grid since gone, a conversion study's plots) are removed, so what is in the folder is all current.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +35,9 @@ ARM_SHAPE_COLUMNS = ["arm", "baseline", "runs", "n", "duplicate_seeds", "attenti
                      "parameters", "mlp_hidden", "kv_cache_bytes_per_token", "uptrain_method", "uptrain_alpha"]
 STAT_COLUMNS = ["n", "mean", "std", "ci_low", "ci_high", "diff", "diff_ci_low", "diff_ci_high", "p_value"]
 POWER, ALPHA = 0.8, 0.05
+GRID_PLOTS = ("decode_grid_vs_kv_groups.png", "largest_batch_vs_kv_groups.png")
+TEXTS = ("decode_grid.csv", "comparison.csv", "runs.csv", "comparison.md", "report.md")
+OUTPUTS = (*TEXTS, *plots.NAMES, *GRID_PLOTS)  # every file compare writes: the only ones it ever removes
 
 
 @dataclass
@@ -322,10 +331,28 @@ def _read(run: Path, root: Path) -> dict:
                 "status": f"unreadable ({type(e).__name__}: {e})", "val_curve": [], "curves": "none"}
 
 
+def check_out(out: Path, given: bool) -> None:
+    """Refuse a report folder that cannot be written, before any work: an existing file, a file on the way to it,
+    a folder without write permission."""
+    what = f"--out {out}" if given else f"the report folder {out} (DIR; --out picks another)"
+    if os.path.lexists(out) and not out.is_dir():
+        raise UserError(f"{what} is an existing file, not a folder; pass --out a folder for the report "
+                        "(created if missing)")
+    existing = next(p for p in (out, *out.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise UserError(f"{what} cannot be created: {existing} is a file; pass --out a folder whose parents are "
+                        "folders")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} cannot be written: no write permission in {existing}; pass --out a folder you "
+                        "can write to")
+
+
 def compare(root: Path, out: Path | None = None, baseline: str | None = None) -> Comparison:
     root = root.expanduser().resolve()
     if not root.is_dir():
         raise UserError(f"{root} is not a directory; pass a sweep folder (outputs/multirun/<date>) or a folder of runs")
+    given, out = out is not None, (out or root).expanduser().resolve()
+    check_out(out, given)
     runs = find_runs(root)
     if not runs:
         raise UserError(f"no runs under {root}: expected run directories with .hydra/, tb/ or summary.json")
@@ -335,21 +362,41 @@ def compare(root: Path, out: Path | None = None, baseline: str | None = None) ->
     arms, ungrouped = group(rows, root)
     chosen, note = pick_baseline(arms, baseline, root)  # refused here, before anything is written
     measure(arms, chosen)
-    out = (out or root).expanduser().resolve()
     c = Comparison(root, out, rows, arms, chosen, note, headline(arms), [r["run"] for r in rows[len(runs):]], [],
                    ungrouped=ungrouped)
-    out.mkdir(parents=True, exist_ok=True)
     c.grid = grid.grid_rows(arms, chosen)
     c.grid_notes = [f"`{r['run']}` {r['decode_grid_problem']}" for r in rows if r.get("decode_grid_problem")]
-    c.images = plots.plot(arms, chosen, c.metric, out)
-    if (drawn := grid.plot_rows(c.grid)) is not None:
-        names = ("decode_grid_vs_kv_groups.png", "largest_batch_vs_kv_groups.png")
-        c.images += [p.name for p in plot_grid(drawn, grid.budget_rows(arms), out, names=names,
-                                               ylabel="decode tokens/s (mean over the arm's runs)")]
-    if c.grid:
-        atomic_write_text(out / "decode_grid.csv", _csv(grid.CSV_COLUMNS, c.grid))
-    atomic_write_text(out / "comparison.csv", _csv(arm_csv_columns(), arm_csv_rows(c)))
-    atomic_write_text(out / "runs.csv", _csv(RUN_COLUMNS, run_rows(c)))
-    atomic_write_text(out / "comparison.md", comparison_md(c))
-    atomic_write_text(out / "report.md", report_md(c))
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".compare-"))
+    try:
+        c.images = plots.plot(arms, chosen, c.metric, stage)
+        if (drawn := grid.plot_rows(c.grid)) is not None:
+            c.images += [p.name for p in plot_grid(drawn, grid.budget_rows(arms), stage, names=GRID_PLOTS,
+                                                   ylabel="decode tokens/s (mean over the arm's runs)")]
+        texts = {"decode_grid.csv": _csv(grid.CSV_COLUMNS, c.grid) if c.grid else None,
+                 "comparison.csv": _csv(arm_csv_columns(), arm_csv_rows(c)),
+                 "runs.csv": _csv(RUN_COLUMNS, run_rows(c)),
+                 "comparison.md": comparison_md(c), "report.md": report_md(c)}
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:  # the folder this call made, if still empty
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
+    # everything is built: publish, each file by a rename, then drop what an earlier compare left and this did not
+    try:
+        for name in c.images:
+            os.replace(stage / name, out / name)
+        for name, text in texts.items():
+            if text is not None:
+                atomic_write_text(out / name, text)
+        written = {*c.images, *(n for n, t in texts.items() if t is not None)}
+        for name in OUTPUTS:
+            if name not in written:
+                (out / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return c
