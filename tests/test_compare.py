@@ -3,6 +3,7 @@ tests against the baseline, report sentences, plots and bad input."""
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -407,3 +408,134 @@ def test_rows_of_another_model_duplicates_and_non_finite_speeds_are_skipped(tmp_
     assert cell["n"] == 1 and cell["tokens_per_sec_mean"] == 150.0 and cell["speedup_vs_baseline"] == 1.5
     report = (c.out / "report.md").read_text()
     assert "no interval: fewer than 2 runs on a side, or no spread" in report
+
+
+# ------------------------------------------------------------------ repeated launches, bad --out, what is on disk
+
+def test_a_seed_launched_twice_into_one_folder_counts_once_the_newest(tmp_path):
+    root = tmp_path / "parent"
+    old, new = {1: [2.10, 2.13, 2.11], 4: [2.00, 2.02, 2.01]}, {1: [2.11, 2.14, 2.12], 4: [2.00, 2.03, 2.01]}
+    for launch, values, mtime in (("a", old, 1_000_000), ("b", new, 2_000_000)):
+        for kv in (1, 4):
+            for seed, bpb in zip((1, 2, 3), values[kv]):
+                run = make_run(root / launch, f"kv{kv}_s{seed}", kv, seed, bpb)
+                os.utime(run / "summary.json", (mtime, mtime))  # launch b finished later
+    c = compare(root)
+    arms = arms_by_label(root)
+    assert [(a["runs"], a["n"], a["duplicate_seeds"]) for a in arms.values()] == [("3", "3", "3"), ("3", "3", "3")]
+    assert float(arms["kv_groups=1"]["test_bpb_mean"]) == pytest.approx(np.mean(new[1]))  # the newer launch
+    assert float(arms["kv_groups=1"]["test_bpb_diff_ci_low"]) == pytest.approx(compare_means(new[1], new[4]).ci_low)
+    report = (root / "report.md").read_text()
+    assert "Duplicate seed, not counted: `a/kv1_s2` (seed 2 of kv_groups=1 (MQA); counted instead: `b/kv1_s2`, finished later)" in report
+    runs = {r["run"]: r for r in read_csv(root / "runs.csv")}
+    assert runs["a/kv4_s1"]["status"] == "complete; duplicate seed, not counted (counted: b/kv4_s1)"
+    assert runs["b/kv4_s1"]["status"] == "complete" and len(c.rows) == 12
+
+
+def test_out_naming_an_existing_file_is_refused_in_one_line_before_any_work(sweep, tmp_path, capsys):
+    target = tmp_path / "report.txt"
+    target.write_text("keep me")
+    for out in (target, target / "sub"):
+        with pytest.raises(SystemExit) as exit:
+            compare_main([str(sweep), "--out", str(out)])
+        assert exit.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: --out {out}") and "pass --out a folder" in err
+    assert target.read_text() == "keep me" and not (sweep / "comparison.md").exists()
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_compare_that_fails_while_building_the_report_leaves_the_folder_as_it_was(sweep, monkeypatch):
+    compare(sweep)
+    before = _snapshot(sweep)
+    make_run(sweep, "9_kv4_s4", 4, 4, 2.05, curve=[3.0, 2.4])  # the next report would differ in every table
+
+    def broken(c):
+        raise RuntimeError("report_md failed")
+
+    monkeypatch.setattr("gpt_lightning.analysis.report.report_md", broken)
+    with pytest.raises(RuntimeError, match="report_md failed"):
+        compare(sweep)
+    after = {k: v for k, v in _snapshot(sweep).items() if not k.startswith("9_kv4_s4/")}
+    assert after == before  # no plot, csv or md rewritten, no temporary left
+
+
+def test_outputs_of_an_earlier_compare_that_this_one_did_not_produce_are_removed(grid_sweep):
+    compare(grid_sweep)
+    assert (grid_sweep / "decode_grid.csv").is_file() and (grid_sweep / "decode_grid_vs_kv_groups.png").is_file()
+    (grid_sweep / "notes.png").write_bytes(b"mine")  # not a name compare writes: left alone
+    for record in grid_sweep.glob("*/checkpoints/*.eval.json"):
+        record.unlink()
+    c = compare(grid_sweep)
+    assert c.grid == [] and not (grid_sweep / "decode_grid.csv").exists()
+    assert not (grid_sweep / "decode_grid_vs_kv_groups.png").exists()
+    assert not (grid_sweep / "largest_batch_vs_kv_groups.png").exists()
+    assert (grid_sweep / "notes.png").read_bytes() == b"mine" and (grid_sweep / "val_loss.png").is_file()
+    assert not list(grid_sweep.glob(".compare-*"))
+
+
+def test_a_png_write_that_fails_keeps_the_previous_file(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from gpt_lightning.analysis import plots
+
+    (tmp_path / "x.png").write_bytes(b"previous")
+
+    def half_written(self, fname, **kwargs):
+        (open(fname, "wb") if isinstance(fname, (str, Path)) else fname).write(b"half a png")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        plots._figure(tmp_path, "x.png", lambda ax: ax.plot([1, 2]))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"] and (tmp_path / "x.png").read_bytes() == b"previous"
+
+
+def test_uptrain_methods_y_limits_hold_every_error_bar():
+    from gpt_lightning.analysis.arms import BY_KEY, Arm
+    from gpt_lightning.analysis.plots import _pyplot, methods_by_alpha
+    from gpt_lightning.analysis.stats import Summary
+
+    metric = BY_KEY["test_bpb"]
+    arms = []
+    for method, alpha, mean, half in (("mean", 0.05, 2.00, 0.20), ("first", 0.05, 2.01, 0.02)):
+        arm = Arm(f"{method}{alpha}", [{"run": method, "status": "complete", "uptrain_method": method,
+                                         "uptrain_alpha": alpha}])
+        arm.summaries = {metric.key: Summary(3, mean, half, mean - half, mean + half, half)}
+        arms.append(arm)
+    fig, ax = _pyplot().subplots()
+    methods_by_alpha(ax, arms, metric)
+    low, high = ax.get_ylim()
+    _pyplot().close(fig)
+    assert low < 2.00 - 0.20 and high > 2.00 + 0.20
+
+
+def test_the_val_loss_gap_leaves_out_an_arm_without_curves_and_names_it(tmp_path):
+    root = tmp_path / "sweep"
+    for seed in (1, 2, 3):
+        make_run(root, f"kv1_s{seed}", 1, seed, 2.1, curve=[3.0 + 0.01 * seed, 2.6 + 0.01 * seed])
+        make_run(root, f"kv2_s{seed}", 2, seed, 2.05)  # no curves logged
+        make_run(root, f"kv4_s{seed}", 4, seed, 2.0, curve=[3.0 + 0.02 * seed, 2.5 + 0.01 * seed])
+    report = (compare(root).out / "report.md").read_text()
+    table = report[report.index("### Val-loss gap over training"):report.index("## Plots")]
+    assert "| step | kv_groups=1 (MQA) |" in table and "| 20 | +0.1000" in table
+    assert "Left out (no val-loss curve in their finished runs): kv_groups=2 (GQA)." in table
+
+
+def test_a_resumed_run_keeps_the_value_logged_last_at_a_step(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from gpt_lightning.analysis.runs import read_curves
+
+    run = tmp_path / "run"
+    # the resume (wall time 200) logged step 20 again, lower; its file may sort before or after the first one's
+    for points in ([(10, 3.0, 100.0), (20, 2.5, 110.0)], [(20, 2.4, 200.0), (30, 2.2, 210.0)]):
+        with SummaryWriter(str(run / "tb")) as w:
+            for step, value, wall in points:
+                w.add_scalar("val/loss", value, step, walltime=wall)
+    scalars, source = read_curves(run)
+    assert source == "tensorboard"
+    assert scalars["val/loss"] == [(10, 3.0), (20, pytest.approx(2.4)), (30, pytest.approx(2.2))]

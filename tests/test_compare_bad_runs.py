@@ -58,3 +58,47 @@ def test_every_bad_run_is_a_row_with_its_reason(tmp_path):
         assert [r["run"] for r in csv.DictReader(f)] == sorted(rows)
     table = (tmp_path / "comparison.md").read_text()
     assert all(f"| {name} |" in table for name in rows)
+
+
+def test_a_run_without_its_hydra_config_is_listed_not_made_an_arm_of_its_own(tmp_path):
+    import shutil
+
+    def record(kv, bpb):
+        return RunRecord(kind="train", n_layer=2, n_embd=64, n_head=4, kv_groups=kv, parameters=1000, test_bpb=bpb,
+                         best_val_loss=2.0, global_step=20, kv_cache_bytes_per_token=128 * kv)
+
+    for kv in (2, 4):
+        for seed in (1, 2, 3):
+            make_run(tmp_path, f"kv{kv}_s{seed}", kv_groups=kv, record=record(kv, 2.0 + seed / 100 + kv / 1000))
+    shutil.rmtree(tmp_path / "kv4_s3" / ".hydra")  # copied without its config
+
+    c = compare(tmp_path)
+
+    assert [(a.label, a.n) for a in c.arms] == [("kv_groups=2", 3), ("kv_groups=4", 2)]
+    assert [r["run"] for r in c.ungrouped] == ["kv4_s3"]
+    with open(tmp_path / "runs.csv") as f:
+        row = next(r for r in csv.DictReader(f) if r["run"] == "kv4_s3")
+    assert row["arm"] == "" and row["status"] == "complete; no readable .hydra/config.yaml: not grouped"
+    assert "Not grouped (no readable .hydra/config.yaml, while other runs have one; not counted): `kv4_s3`." in (
+        tmp_path / "report.md").read_text()
+
+
+def test_an_unreadable_or_ill_shaped_search_file_is_a_note_not_a_traceback(tmp_path):
+    good = RunRecord(kind="train", n_layer=2, n_embd=64, n_head=4, kv_groups=4, parameters=1000, best_val_loss=2.0)
+    make_run(tmp_path, "0_mha", kv_groups=4, record=good)
+    for folder, text in (("cut", 'objective: val\narms:\n  - arm: {kv: 1}\n    best_run: "0_kv'),  # truncated
+                         ("listed", "- 1\n- 2\n"),                                              # a YAML list
+                         ("arms_text", "arms: nothing\n"),
+                         ("good", "objective: best_val_loss\narms:\n  - arm: {kv: 4}\n    best_value: 2.5\n"
+                                  "    best_params: {lr: 0.001}\n    trials: {complete: 2, fail: 1}\n")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "optimization_results.yaml").write_text(text)
+
+    compare(tmp_path)
+
+    md = (tmp_path / "comparison.md").read_text()
+    section = md[md.index("## Hyperparameter search"):]
+    assert "| good | kv=4 | lr=0.001 | 2.5000 | 2 / 1 | — |" in section
+    assert "Not read: cut/optimization_results.yaml: ScannerError: while scanning a quoted scalar" in section
+    assert "Not read: listed/optimization_results.yaml: a mapping with an `arms` list expected, found a list." in section
+    assert "Not read: arms_text/optimization_results.yaml: `arms` is not a list of mappings." in section

@@ -2,12 +2,16 @@
 
 An arm is the set of runs whose resolved configs agree on everything but the seed and the output paths
 (`analysis.stats.group_into_arms`); its seeds are repeated measurements of one setting. Only runs that finished
-(status "complete") are measurements: a crashed or killed run is listed with its arm but adds no value.
+(status "complete") are measurements: a crashed or killed run is listed with its arm but adds no value. A seed
+finished twice in one arm (a sweep launched again into the same parent folder) is one measurement: training is
+deterministic per seed, so the copy adds no information; the newest is counted, the others are listed as duplicates.
+A run without a readable `.hydra/config.yaml`, among runs that have one, joins no arm: it is listed, not counted.
 The default baseline is the MHA arm (kv_groups = n_heads).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -45,6 +49,7 @@ def complete(row: dict) -> bool:
 class Arm:
     label: str
     rows: list[dict]
+    duplicates: list[dict] = field(default_factory=list)  # finished runs of a seed counted by a newer run
     summaries: dict[str, Summary] = field(default_factory=dict)
     diffs: dict[str, Difference] = field(default_factory=dict)   # vs the baseline; empty for the baseline
     is_baseline: bool = False
@@ -116,19 +121,51 @@ def _arm_config(config: dict, root: Path, short: dict[str, str]) -> dict:
 
 
 def _fallback_config(row: dict) -> dict:
-    """Runs without `.hydra/config.yaml` (copied records): grouped by the model shape their record states."""
+    """Runs without `.hydra/config.yaml` (copied records), when no run has one: grouped by the model shape their
+    record states."""
     return {"record": {k: row.get(k) for k in ("n_layer", "n_embd", "n_head", "kv_groups", "mlp_hidden")}}
 
 
-def group(rows: list[dict], root: Path) -> list[Arm]:
-    """Arms in label order (kv_groups numerically), each with its runs in input order."""
+def one_per_seed(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(kept, duplicates): of an arm's finished runs with the same seed, the newest (by when its record was
+    written, then by name) is kept; the others are duplicates. Unfinished runs and runs without a seed are all
+    kept (they are not counted anyway, or cannot be told apart). Input order is kept."""
+    newest: dict = {}
+    for r in rows:
+        if complete(r) and r.get("seed") is not None:
+            key = json.dumps(r["seed"], sort_keys=True, default=str)
+            if key not in newest or _age(r) >= _age(newest[key]):
+                newest[key] = r
+    kept_ids = {id(r) for r in newest.values()}
+    duplicate = [r for r in rows if complete(r) and r.get("seed") is not None and id(r) not in kept_ids]
+    dup_ids = {id(r) for r in duplicate}
+    for r in duplicate:
+        r["duplicate_of"] = newest[json.dumps(r["seed"], sort_keys=True, default=str)]["run"]
+    return [r for r in rows if id(r) not in dup_ids], duplicate
+
+
+def _age(row: dict) -> tuple:
+    return (row.get("finished_at") or 0.0, row["run"])
+
+
+def group(rows: list[dict], root: Path) -> tuple[list[Arm], list[dict]]:
+    """(arms, ungrouped): arms in label order (kv_groups numerically), each with its runs in input order, one
+    finished run per seed (`one_per_seed`); ungrouped are the runs without a config when other runs have one:
+    a config-less run would otherwise be an arm of its own, labelled by every key it lacks."""
     by_name = {r["run"]: r for r in rows}
-    elsewhere = {c["init_from"] for r in rows if (c := r.get("config")) and isinstance(c.get("init_from"), str)
+    with_config = [r for r in rows if r.get("config")]
+    ungrouped = [r for r in rows if not r.get("config")] if with_config else []
+    grouped = with_config or rows
+    elsewhere = {c["init_from"] for r in grouped if (c := r.get("config")) and isinstance(c.get("init_from"), str)
                  and c["init_from"].startswith("/") and not c["init_from"].startswith(f"{root}/")}
     short = _short_paths(elsewhere)
     configs = [(r["run"], _arm_config(r["config"], root, short) if r.get("config") else _fallback_config(r))
-               for r in rows]
-    return [Arm(label, [by_name[n] for n in names]) for label, names in group_into_arms(configs).items()]
+               for r in grouped]
+    arms = []
+    for label, names in group_into_arms(configs).items():
+        kept, duplicates = one_per_seed([by_name[n] for n in names])
+        arms.append(Arm(label, kept, duplicates))
+    return arms, ungrouped
 
 
 def _listing(arms: list[Arm]) -> str:

@@ -10,8 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from gpt_lightning.analysis.arms import Arm, Metric
+from gpt_lightning.common.files import atomic_file
 
 CI_NOTE = "error bars: 95% CI of the mean over seeds"
+# Every PNG `plot` may write (the first three always): a later compare removes those it did not redraw.
+NAMES = ("val_loss.png", "quality_vs_kv_cache.png", "decode_vs_kv_groups.png", "uptrain_alpha.png",
+         "uptrain_methods.png")
 
 
 def _pyplot():
@@ -34,8 +38,11 @@ def _figure(out: Path, name: str, draw, log2_x: bool = False, **labels) -> str:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_file(out / name) as f:  # a reader (or a kill mid-write) never sees half a PNG
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return name
 
 
@@ -113,11 +120,12 @@ def methods_by_alpha(ax, arms: list[Arm], metric: Metric) -> None:
         if xs:
             ax.bar(xs, [y for y, _ in ys], width, yerr=[e for _, e in ys], capsize=3, label=method)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(alphas))], [f"α = {a:g}" for a in alphas])
-    values = [a.summaries[metric.key].mean for g in methods.values() for a in g
-              if a.summaries[metric.key].mean is not None]
-    if values:  # bars start near the data: the differences are what matter
-        spread = max(values) - min(values) or abs(max(values)) * 0.05 or 1.0
-        ax.set_ylim(min(values) - 0.5 * spread, max(values) + 0.5 * spread)
+    ends = [(s.mean - (s.half_width or 0.0), s.mean + (s.half_width or 0.0))
+            for g in methods.values() for a in g if (s := a.summaries[metric.key]).mean is not None]
+    if ends:  # bars start near the data (the differences are what matter), error bars whole
+        low, high = min(lo for lo, _ in ends), max(hi for _, hi in ends)
+        spread = high - low or abs(high) * 0.05 or 1.0
+        ax.set_ylim(low - 0.5 * spread, high + 0.5 * spread)
 
 
 def plot(arms: list[Arm], baseline: Arm, metric: Metric, out: Path) -> list[str]:

@@ -1,13 +1,19 @@
 """The comparison of a folder of runs: `comparison.md` (arms, then runs), `comparison.csv` (arms), `runs.csv`
 (runs), `report.md` (one finding per arm against the baseline, what more seeds would resolve) and the plots.
 
-Everything is computed, and every bad input refused, before the first file is written.
+Everything is computed, and every bad input refused, before the first file is written: the plots are drawn into a
+temporary folder inside the output folder, every table and text is built, and only then is each file moved into
+place (a rename, so a reader never sees half a file). Outputs of an earlier compare that this one did not produce
+(a decode grid since gone, a conversion study's plots) are removed, so what is in the folder is all current.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +31,13 @@ from gpt_lightning.measure.decode_grid import plot_grid
 RUN_COLUMNS = ["run", "arm", "seed", "status", "attention", "n_head", "kv_groups", "parameters", "mlp_hidden",
                "test_bpb", "best_val_loss", "val_ppl", "test_loss", "test_ppl", "train_tokens_per_sec",
                "decode_tokens_per_sec", "kv_cache_bytes_per_token", "steps", "uptrain_method", "uptrain_alpha"]
-ARM_SHAPE_COLUMNS = ["arm", "baseline", "runs", "n", "attention", "n_head", "kv_groups", "parameters", "mlp_hidden",
-                     "kv_cache_bytes_per_token", "uptrain_method", "uptrain_alpha"]
+ARM_SHAPE_COLUMNS = ["arm", "baseline", "runs", "n", "duplicate_seeds", "attention", "n_head", "kv_groups",
+                     "parameters", "mlp_hidden", "kv_cache_bytes_per_token", "uptrain_method", "uptrain_alpha"]
 STAT_COLUMNS = ["n", "mean", "std", "ci_low", "ci_high", "diff", "diff_ci_low", "diff_ci_high", "p_value"]
 POWER, ALPHA = 0.8, 0.05
+GRID_PLOTS = ("decode_grid_vs_kv_groups.png", "largest_batch_vs_kv_groups.png")
+TEXTS = ("decode_grid.csv", "comparison.csv", "runs.csv", "comparison.md", "report.md")
+OUTPUTS = (*TEXTS, *plots.NAMES, *GRID_PLOTS)  # every file compare writes: the only ones it ever removes
 
 
 @dataclass
@@ -44,6 +53,7 @@ class Comparison:
     images: list[str]
     grid: list[dict] = field(default_factory=list)         # the decode grid per arm and cell (analysis.decode_by_arm)
     grid_notes: list[str] = field(default_factory=list)    # evaluate records that could not be read
+    ungrouped: list[dict] = field(default_factory=list)    # runs without a config among runs with one: in no arm
 
 
 # ------------------------------------------------------------------------------------------------ formatting
@@ -110,8 +120,9 @@ def _csv(columns: list[str], rows: list[dict]) -> str:
 def arm_csv_rows(c: Comparison) -> list[dict]:
     out = []
     for arm in c.arms:
-        row = {k: arm.shape(k) for k in ARM_SHAPE_COLUMNS[4:]}
-        row.update(arm=arm.label, baseline=arm.is_baseline, runs=len(arm.rows), n=arm.n)
+        row = {k: arm.shape(k) for k in ARM_SHAPE_COLUMNS[5:]}
+        row.update(arm=arm.label, baseline=arm.is_baseline, runs=len(arm.rows), n=arm.n,
+                   duplicate_seeds=len(arm.duplicates))
         for m in METRICS:
             s, d = arm.summaries[m.key], arm.diffs.get(m.key)
             row.update({f"{m.key}_n": s.n, f"{m.key}_mean": s.mean, f"{m.key}_std": s.std,
@@ -127,9 +138,32 @@ def arm_csv_columns() -> list[str]:
     return ARM_SHAPE_COLUMNS + [f"{m.key}_{s}" for m in METRICS for s in STAT_COLUMNS]
 
 
+NOT_GROUPED = "no readable .hydra/config.yaml: not grouped"
+
+
 def run_rows(c: Comparison) -> list[dict]:
-    arm_of = {r["run"]: a.label for a in c.arms for r in a.rows}
-    return [{**r, "arm": arm_of[r["run"]]} for r in c.rows]
+    """Every run with its arm (empty for an ungrouped run); the status says why a finished run is not counted."""
+    arm_of = {r["run"]: a.label for a in c.arms for r in a.rows + a.duplicates}
+    ungrouped = {r["run"] for r in c.ungrouped}
+    out = []
+    for r in c.rows:
+        row = {**r, "arm": arm_of.get(r["run"], "")}
+        if r.get("duplicate_of"):
+            row["status"] = f"{r.get('status')}; duplicate seed, not counted (counted: {r['duplicate_of']})"
+        elif r["run"] in ungrouped:
+            row["status"] = f"{r.get('status')}; {NOT_GROUPED}"
+        out.append(row)
+    return out
+
+
+def not_counted(c: Comparison) -> list[str]:
+    """Lines naming the finished runs that are not measurements: seeds an arm already has, runs in no arm."""
+    lines = [f"Duplicate seed, not counted: `{r['run']}` (seed {r.get('seed')} of {a.name}; counted instead: "
+             f"`{r['duplicate_of']}`, finished later)." for a in c.arms for r in a.duplicates]
+    if c.ungrouped:
+        names = ", ".join(f"`{r['run']}`" for r in c.ungrouped)
+        lines.append(f"Not grouped (no readable .hydra/config.yaml, while other runs have one; not counted): {names}.")
+    return lines
 
 
 def grid_section(c: Comparison) -> list[str]:
@@ -154,7 +188,8 @@ def comparison_md(c: Comparison) -> str:
     header = ["arm", "n", "parameters", "KV bytes/token", *(m.name for m in METRICS)]
     body = []
     for arm in c.arms:
-        runs = f"{arm.n}" + (f" (+{len(arm.rows) - arm.n} unfinished)" if len(arm.rows) > arm.n else "")
+        runs = f"{arm.n}" + (f" (+{len(arm.rows) - arm.n} unfinished)" if len(arm.rows) > arm.n else "") + (
+            f" (+{len(arm.duplicates)} duplicate seed{'s' * (len(arm.duplicates) > 1)})" if arm.duplicates else "")
         body.append([arm.name + (" (baseline)" if arm.is_baseline else ""), runs, _parameters_cell(arm),
                      _fmt(arm.shape("kv_cache_bytes_per_token")), *(_cell(arm.summaries[m.key]) for m in METRICS)])
     lines += ["## Arms", "", *_table(header, body), ""]
@@ -176,6 +211,7 @@ def comparison_md(c: Comparison) -> str:
               "test bpb: bits per UTF-8 byte of the test split (empty for runs from before it was recorded); test ppl "
               "is measured with the best checkpoint (a conversion-study arm: its final weights); KV-cache bytes per "
               "token are fp32 (half in bf16); tokens/s were measured on the machine that trained each run.", ""]
+    lines += [*not_counted(c), ""] if not_counted(c) else []
     lines += curve_source_notes(c.rows)
     lines += search_section(c.root)  # each arm's best parameters, when the folder holds a per-arm search
     lines += [f"![{name}]({name})" for name in c.images]
@@ -212,7 +248,8 @@ def what_it_would_take(arm: Arm, baseline: Arm, metric: Metric) -> str | None:
 
 def gap_over_training(arms: list[Arm], baseline: Arm) -> list[str]:
     """Each arm's val-loss gap to the baseline at every validation step all their finished runs logged, with its
-    95% Welch interval: a gap that grows with the steps says more steps would resolve it; a steady one, more seeds."""
+    95% Welch interval: a gap that grows with the steps says more steps would resolve it; a steady one, more seeds.
+    An arm without curves is left out (and named), not allowed to empty the table for the others."""
     def by_step(arm: Arm) -> dict[int, list[float]]:
         curves = [dict(r["val_curve"]) for r in arm.measured if r.get("val_curve")]
         if not curves:
@@ -221,7 +258,8 @@ def gap_over_training(arms: list[Arm], baseline: Arm) -> list[str]:
         return {step: [c[step] for c in curves] for step in sorted(common)}
 
     base = by_step(baseline)
-    columns = {arm.name: by_step(arm) for arm in arms}
+    columns = {arm.name: values for arm in arms if (values := by_step(arm))}
+    left_out = [arm.name for arm in arms if arm.name not in columns]
     steps = sorted(set(base).intersection(*(set(v) for v in columns.values()))) if columns else []
     if len(steps) < 2:
         return []
@@ -235,7 +273,8 @@ def gap_over_training(arms: list[Arm], baseline: Arm) -> list[str]:
     return ["", "### Val-loss gap over training", "",
             f"Mean val loss minus {baseline.name}'s at each validation step (nats/token, ± the 95% Welch half-width): "
             "a gap that widens with the steps would be resolved sooner by longer runs than by more seeds.", "",
-            *_table(["step", *columns], rows)]
+            *_table(["step", *columns], rows),
+            *(["", f"Left out (no val-loss curve in their finished runs): {', '.join(left_out)}."] if left_out else [])]
 
 
 def report_md(c: Comparison) -> str:
@@ -274,6 +313,8 @@ def report_md(c: Comparison) -> str:
     unfinished = [r["run"] for r in c.rows if not complete(r)]
     if unfinished:
         lines += ["", f"Not counted (unfinished): {', '.join(f'`{r}`' for r in unfinished)}."]
+    if not_counted(c):
+        lines += ["", *not_counted(c)]
     lines += ["", "## Plots", "", *(f"![{name}]({name})" for name in c.images), "",
               "Tables: [comparison.md](comparison.md) (arms, then runs), comparison.csv (arms), runs.csv (runs)."]
     return "\n".join(lines) + "\n"
@@ -290,33 +331,72 @@ def _read(run: Path, root: Path) -> dict:
                 "status": f"unreadable ({type(e).__name__}: {e})", "val_curve": [], "curves": "none"}
 
 
+def check_out(out: Path, given: bool) -> None:
+    """Refuse a report folder that cannot be written, before any work: an existing file, a file on the way to it,
+    a folder without write permission."""
+    what = f"--out {out}" if given else f"the report folder {out} (DIR; --out picks another)"
+    if os.path.lexists(out) and not out.is_dir():
+        raise UserError(f"{what} is an existing file, not a folder; pass --out a folder for the report "
+                        "(created if missing)")
+    existing = next(p for p in (out, *out.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise UserError(f"{what} cannot be created: {existing} is a file; pass --out a folder whose parents are "
+                        "folders")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} cannot be written: no write permission in {existing}; pass --out a folder you "
+                        "can write to")
+
+
 def compare(root: Path, out: Path | None = None, baseline: str | None = None) -> Comparison:
     root = root.expanduser().resolve()
     if not root.is_dir():
         raise UserError(f"{root} is not a directory; pass a sweep folder (outputs/multirun/<date>) or a folder of runs")
+    given, out = out is not None, (out or root).expanduser().resolve()
+    check_out(out, given)
     runs = find_runs(root)
     if not runs:
         raise UserError(f"no runs under {root}: expected run directories with .hydra/, tb/ or summary.json")
     rows = [_read(r, root) for r in runs]
     parent_dirs = parents_of(rows, set(runs))
     rows += [read_run(p, root) for p in parent_dirs]
-    arms = group(rows, root)
+    arms, ungrouped = group(rows, root)
     chosen, note = pick_baseline(arms, baseline, root)  # refused here, before anything is written
     measure(arms, chosen)
-    out = (out or root).expanduser().resolve()
-    c = Comparison(root, out, rows, arms, chosen, note, headline(arms), [r["run"] for r in rows[len(runs):]], [])
-    out.mkdir(parents=True, exist_ok=True)
+    c = Comparison(root, out, rows, arms, chosen, note, headline(arms), [r["run"] for r in rows[len(runs):]], [],
+                   ungrouped=ungrouped)
     c.grid = grid.grid_rows(arms, chosen)
     c.grid_notes = [f"`{r['run']}` {r['decode_grid_problem']}" for r in rows if r.get("decode_grid_problem")]
-    c.images = plots.plot(arms, chosen, c.metric, out)
-    if (drawn := grid.plot_rows(c.grid)) is not None:
-        names = ("decode_grid_vs_kv_groups.png", "largest_batch_vs_kv_groups.png")
-        c.images += [p.name for p in plot_grid(drawn, grid.budget_rows(arms), out, names=names,
-                                               ylabel="decode tokens/s (mean over the arm's runs)")]
-    if c.grid:
-        atomic_write_text(out / "decode_grid.csv", _csv(grid.CSV_COLUMNS, c.grid))
-    atomic_write_text(out / "comparison.csv", _csv(arm_csv_columns(), arm_csv_rows(c)))
-    atomic_write_text(out / "runs.csv", _csv(RUN_COLUMNS, run_rows(c)))
-    atomic_write_text(out / "comparison.md", comparison_md(c))
-    atomic_write_text(out / "report.md", report_md(c))
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".compare-"))
+    try:
+        c.images = plots.plot(arms, chosen, c.metric, stage)
+        if (drawn := grid.plot_rows(c.grid)) is not None:
+            c.images += [p.name for p in plot_grid(drawn, grid.budget_rows(arms), stage, names=GRID_PLOTS,
+                                                   ylabel="decode tokens/s (mean over the arm's runs)")]
+        texts = {"decode_grid.csv": _csv(grid.CSV_COLUMNS, c.grid) if c.grid else None,
+                 "comparison.csv": _csv(arm_csv_columns(), arm_csv_rows(c)),
+                 "runs.csv": _csv(RUN_COLUMNS, run_rows(c)),
+                 "comparison.md": comparison_md(c), "report.md": report_md(c)}
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:  # the folder this call made, if still empty
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
+    # everything is built: publish, each file by a rename, then drop what an earlier compare left and this did not
+    try:
+        for name in c.images:
+            os.replace(stage / name, out / name)
+        for name, text in texts.items():
+            if text is not None:
+                atomic_write_text(out / name, text)
+        written = {*c.images, *(n for n, t in texts.items() if t is not None)}
+        for name in OUTPUTS:
+            if name not in written:
+                (out / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return c

@@ -27,29 +27,36 @@ def is_run(path: Path) -> bool:
 
 
 def read_tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag's (step, value) points from the run's TensorBoard event files (`<run>/tb`)."""
+    """Every scalar tag's (step, value) points from the run's TensorBoard event files (`<run>/tb`), one per step.
+
+    A resumed run has an event file per launch, and both may hold a step (the resume replays from its checkpoint):
+    the value logged last, by wall time, is the one kept."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    scalars: dict[str, list[tuple[int, float]]] = {}
+    latest: dict[str, dict[int, tuple[float, float]]] = {}  # tag -> step -> (wall time, value)
     for f in sorted((run / "tb").glob("events.out.tfevents.*")):
         acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return {tag: sorted(points) for tag, points in scalars.items()}
+            at = latest.setdefault(tag, {})
+            for e in acc.Scalars(tag):
+                if e.step not in at or e.wall_time >= at[e.step][0]:
+                    at[e.step] = (e.wall_time, e.value)
+    return {tag: sorted((step, value) for step, (_, value) in at.items()) for tag, at in latest.items()}
 
 
 def read_csv_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every metric's (step, value) points from the CSV logger's <run>/csv/metrics.csv (one column per metric)."""
-    scalars: dict[str, list[tuple[int, float]]] = {}
+    """Every metric's (step, value) points from the CSV logger's <run>/csv/metrics.csv (one column per metric), one
+    per step: where a step was logged twice (a resumed run), the row written last."""
+    scalars: dict[str, dict[int, float]] = {}
     with open(run / "csv" / "metrics.csv", newline="") as f:
         for row in csv.DictReader(f):
             step = row.pop("step", "")
             row.pop("epoch", None)
             for tag, value in row.items():
                 if value not in ("", None) and step != "":
-                    scalars.setdefault(tag, []).append((int(float(step)), float(value)))
-    return {tag: sorted(points) for tag, points in scalars.items()}
+                    scalars.setdefault(tag, {})[int(float(step))] = float(value)
+    return {tag: sorted(points.items()) for tag, points in scalars.items()}
 
 
 def read_curves(run: Path) -> tuple[dict[str, list[tuple[int, float]]], str]:
@@ -170,6 +177,8 @@ def read_run(run: Path, root: Path) -> dict:
     curve = scalars.get("val/loss", [])
     record = None
     if (run / TRAIN_RECORD).is_file():
+        # when the run finished: train writes its record once, at the end (a seed run twice keeps the newer)
+        row["finished_at"] = (run / TRAIN_RECORD).stat().st_mtime
         try:
             record = RunRecord.load(run / TRAIN_RECORD)
         except RecordError as e:
