@@ -89,10 +89,21 @@ class GPTLightningModule(L.LightningModule):
         # must do before clipping (a fused optimizer would unscale only inside its own step).
         fused = device_type in ("cuda", "cpu") and str(self.trainer.precision) not in ("16-mixed", "16", "16-true")
         optimizer = make_optimizer(self.model, o, fused=fused)
-        total = int(self.trainer.estimated_stepping_batches)
         min_ratio = o["min_lr"] / o["lr"]
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cosine_with_warmup(step, o["warmup_steps"], total, min_ratio))
+        total: list[int] = []
+
+        def factor(step: int) -> float:
+            # The schedule's length is asked for at the first step, not here: with trainer.max_epochs set,
+            # estimated_stepping_batches builds the train loader, and here (strategy setup) comes before Lightning
+            # restores a resumed run's loop progress: that loader would start the epoch from its first batch.
+            # At step 0 (LambdaLR calls this once on construction) the factor does not depend on the length.
+            if step == 0:
+                return cosine_with_warmup(0, o["warmup_steps"], 1, min_ratio)
+            if not total:
+                total.append(int(self.trainer.estimated_stepping_batches))
+            return cosine_with_warmup(step, o["warmup_steps"], total[0], min_ratio)
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
