@@ -51,3 +51,15 @@ def test_resuming_mid_epoch_continues_with_the_next_batches(fixture_dm, tmp_path
     assert sorted(resumed.batches) == [4, 5, 6]
     assert {s: resumed.batches[s] for s in (4, 5, 6)} == {s: whole.batches[s] for s in (4, 5, 6)}
 
+
+def test_a_resumed_run_with_dropout_draws_what_the_uninterrupted_run_drew(fixture_dm, tmp_path):
+    dm = fixture_dm(seed=5)
+    dm.prepare_data()
+    whole = fit(dm, tmp_path / "a", dropout=0.1, max_steps=6)
+    torch.manual_seed(123)  # whatever this process did before: the checkpoint's RNG state wins
+    resumed = fit(fixture_dm(seed=5), tmp_path / "b", dropout=0.1, max_steps=6,
+                  ckpt_path=tmp_path / "a" / "step=3.ckpt")
+    assert sorted(resumed.losses) == [4, 5, 6]
+    assert {s: resumed.losses[s] for s in (4, 5, 6)} == pytest.approx({s: whole.losses[s] for s in (4, 5, 6)},
+                                                                      abs=1e-6)
+
