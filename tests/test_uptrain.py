@@ -2,6 +2,7 @@
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.training import uptrain
+from gpt_lightning.training.run_record import RunRecord
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -84,3 +86,63 @@ def test_the_uptrain_gqa_preset_refuses_to_start_without_a_checkpoint():
     with pytest.raises(UserError, match="this preset converts an MHA checkpoint: pass init_from="):
         uptrain.check(cfg("experiment=uptrain_gqa"))
     assert uptrain.check(cfg("experiment=uptrain_gqa", "init_from=x.ckpt"))["needs_init_from"] is True
+
+
+# --- the parent that uptrain.parent=train trains --------------------------------------------------------------------
+
+def fake_parent_training(calls, outcome="complete"):
+    """Stands in for the parent's subprocess: records the command, writes what a finished (or failed) parent leaves."""
+    def run(cmd, cwd=None):
+        calls.append(cmd)
+        run_dir = Path(next(a for a in cmd if a.startswith("hydra.run.dir=")).split("=", 1)[1])
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        if outcome == "complete":
+            torch.save({"global_step": 200}, run_dir / "checkpoints" / "last.ckpt")
+        RunRecord(kind="train", status=outcome, error=None if outcome == "complete" else "boom").save(
+            run_dir / "summary.json")
+        return SimpleNamespace(returncode=0 if outcome == "complete" else 1)
+    return run
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.delenv(uptrain.PARENT_ENV, raising=False)
+    monkeypatch.setattr(uptrain, "_failed_parents", {}, raising=False)
+    return tmp_path / "sweep"
+
+
+def test_a_failed_parent_is_moved_aside_and_trained_again(home, monkeypatch):
+    (home / "parent").mkdir(parents=True)
+    RunRecord(kind="train", status="failed", error="boom").save(home / "parent" / "summary.json")
+    calls = []
+    monkeypatch.setattr(uptrain.subprocess, "run", fake_parent_training(calls))
+    ckpt = uptrain.train_parent(home, ["experiment=uptrain_study_with_parent"], home)
+    assert len(calls) == 1 and Path(ckpt) == home / "parent" / "checkpoints" / "last.ckpt" and Path(ckpt).is_file()
+    assert RunRecord.load(home / "parent.failed-1" / "summary.json").error == "boom"  # kept, not deleted
+
+
+def test_a_finished_parent_is_reused(home, monkeypatch):
+    calls = []
+    monkeypatch.setattr(uptrain.subprocess, "run", fake_parent_training(calls))
+    first = uptrain.train_parent(home, [], home)
+    monkeypatch.delenv(uptrain.PARENT_ENV)  # a rerun of the study: a new process
+    assert uptrain.train_parent(home, [], home) == first and len(calls) == 1
+
+
+def test_an_interrupted_parent_is_resumed(home, monkeypatch):
+    (home / "parent" / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 80}, home / "parent" / "checkpoints" / "last.ckpt")  # SIGTERM: a checkpoint, no record
+    calls = []
+    monkeypatch.setattr(uptrain.subprocess, "run", fake_parent_training(calls))
+    uptrain.train_parent(home, [], home)
+    assert calls[0][-1] == "ckpt_path=last" and not (home / "parent.failed-1").exists()
+
+
+def test_a_parent_that_fails_is_tried_once_per_process(home, monkeypatch):
+    calls = []
+    monkeypatch.setattr(uptrain.subprocess, "run", fake_parent_training(calls, outcome="failed"))
+    for _ in range(2):  # two jobs of one sweep
+        with pytest.raises(UserError, match="training the MHA parent failed"):
+            uptrain.train_parent(home, [], home)
+    assert len(calls) == 1
+
