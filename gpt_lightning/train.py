@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import signal
 import sys
@@ -73,14 +74,25 @@ def train_record(trainer: L.Trainer, module: GPTLightningModule, metrics: dict, 
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", details=details or {})
 
 
-def resume_command(run_dir: Path) -> str:
+def resume_command(run_dir: Path, trained_parent: str | None = None) -> str:
     """The command that continues this run: its own overrides, ckpt_path=last, its directory (a multirun's job
-    resumes as a single run)."""
+    resumes as a single run). `trained_parent`: the checkpoint of the parent that `uptrain.parent=train` trained
+    for this run; the resumed run takes it as init_from (with uptrain.parent=null), as the original did, instead of
+    training a new parent in its own directory."""
     hc = HydraConfig.get()
-    keep = [o for o in hc.overrides.task if o.lstrip("+~").split("=", 1)[0] not in ("ckpt_path", "hydra.mode")]
+    replaced = ("ckpt_path", "hydra.mode") + (("init_from", "uptrain.parent") if trained_parent else ())
+    keep = [o for o in hc.overrides.task if o.lstrip("+~").split("=", 1)[0] not in replaced]
+    parent = [f"init_from={override_value(trained_parent)}", "uptrain.parent=null"] if trained_parent else []
     single = ["hydra.mode=RUN"] if hc.mode == RunMode.MULTIRUN else []
-    return shlex.join(["python", "-m", "gpt_lightning.train", *keep, "ckpt_path=last", f"hydra.run.dir={run_dir}",
-                       *single])
+    return shlex.join(["python", "-m", "gpt_lightning.train", *keep, *parent, "ckpt_path=last",
+                       f"hydra.run.dir={override_value(str(run_dir))}", *single])
+
+
+def override_value(text: str) -> str:
+    """`text` as a Hydra override value: quoted where Hydra's grammar would read it otherwise (`=`, spaces, ...)."""
+    if re.fullmatch(r"[\w./~+\-:@]*", text):
+        return text
+    return "'" + text.replace("'", "\\'") + "'"
 
 
 def instantiate_group(name: str, group) -> list:
@@ -150,7 +162,8 @@ def train(cfg: DictConfig) -> dict:
              gpt_config.hidden, gpt_config.attention, gpt_config.n_head, gpt_config.n_kv_groups, precision)
 
     log_hparams_start(trainer, gpt_config, optim["lr"])
-    with SignalGuard(trainer, checkpoint.dirpath if checkpoint else None, resume_command(run_dir)) as guard:
+    resume = resume_command(run_dir, init_from if up["parent"] == "train" else None)
+    with SignalGuard(trainer, checkpoint.dirpath if checkpoint else None, resume) as guard:
         try:
             if plan.evaluate_only:  # alpha = 0: the converted model as is (Lightning cannot fit 0 steps)
                 trainer.validate(module, datamodule=datamodule)

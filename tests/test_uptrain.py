@@ -1,6 +1,7 @@
 """The conversion study's settings (`uptrain.*`): refused in one line before any work, and the step plan."""
 
 import re
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -146,3 +147,36 @@ def test_a_parent_that_fails_is_tried_once_per_process(home, monkeypatch):
             uptrain.train_parent(home, [], home)
     assert len(calls) == 1
 
+
+@pytest.fixture
+def hydra_job():
+    """Set HydraConfig as a job of this composed config would see it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    def job(*overrides):
+        with initialize_config_dir(version_base="1.3", config_dir=CONF):
+            HydraConfig.instance().set_config(compose("config", overrides=list(overrides), return_hydra_config=True))
+    yield job
+    HydraConfig.instance().cfg = None
+
+
+def test_resuming_an_arm_of_the_study_with_parent_reuses_that_parent(hydra_job, tmp_path):
+    from gpt_lightning.train import resume_command
+
+    hydra_job("experiment=uptrain_study_with_parent", "uptrain.method=first", "uptrain.alpha=0.1")
+    parent = str(tmp_path / "sweep" / "parent" / "checkpoints" / "last.ckpt")
+    args = shlex.split(resume_command(tmp_path / "sweep" / "1_first_a0.1", trained_parent=parent))
+    assert args[-3:] == ["ckpt_path=last", f"hydra.run.dir={tmp_path / 'sweep' / '1_first_a0.1'}", "hydra.mode=RUN"]
+    resumed = cfg(*(a for a in args[3:] if not a.startswith("hydra.")))
+    u = uptrain.check(resumed)
+    assert (u["parent"], resumed.init_from, u["method"], u["alpha"]) == (None, parent, "first", 0.1)
+
+
+def test_a_resume_command_quotes_a_path_hydra_would_misread(hydra_job, tmp_path):
+    from gpt_lightning.train import resume_command
+
+    hydra_job("experiment=uptrain_study_with_parent")
+    parent = str(tmp_path / "a=b" / "last.ckpt")
+    args = shlex.split(resume_command(tmp_path / "run", trained_parent=parent))
+    assert f"init_from='{parent}'" in args
+    assert cfg(*(a for a in args[3:] if not a.startswith("hydra."))).init_from == parent
