@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_original_cwd, instantiate
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -112,6 +112,19 @@ def instantiate_group(name: str, group) -> list:
     return objects
 
 
+def build_trainer(trainer_args: dict, **objects) -> L.Trainer:
+    """lightning.Trainer(**trainer.*, **objects); a value Lightning refuses (one config_checks does not know:
+    trainer.limit_val_batches=-1, trainer.strategy=foo, trainer.devices=abc) is one line naming the setting."""
+    try:
+        return L.Trainer(**trainer_args, **objects)
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as e:
+        reason = " ".join(str(e).split()).rstrip(".") or type(e).__name__
+        named = [f"trainer.{k}={v}" for k, v in trainer_args.items()
+                 if re.search(rf"(?<![A-Za-z_]){re.escape(k)}(?![A-Za-z_])", reason, re.IGNORECASE)]
+        raise UserError(f"{', '.join(named) or 'the trainer.* settings'}: refused by lightning.Trainer: {reason}; "
+                        f"fix that trainer.* value") from None
+
+
 def study_home(run_dir: Path) -> Path:
     """Where `uptrain.parent=train` puts the parent: the sweep directory (shared by its jobs), else the run's."""
     hc = HydraConfig.get()
@@ -152,8 +165,8 @@ def train(cfg: DictConfig) -> dict:
     precision = trainer_args["precision"] = resolve_precision(trainer_args.get("precision", "auto"),
                                                               trainer_args.get("accelerator", "auto"))
     # Checkpoints are written beside their target and renamed over it, wherever $TMPDIR is.
-    trainer = L.Trainer(**trainer_args, callbacks=callbacks, logger=loggers, default_root_dir=run_dir,
-                        plugins=[AtomicCheckpointIO()])
+    trainer = build_trainer(trainer_args, callbacks=callbacks, logger=loggers, default_root_dir=run_dir,
+                            plugins=[AtomicCheckpointIO()])
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.dirpath and rank_zero_only.rank == 0:
         remove_partial_checkpoints(checkpoint.dirpath)  # saves killed mid-write in an earlier process

@@ -40,6 +40,10 @@ def parent(tmp_path) -> str:
     (["uptrain.parent=yes"], "uptrain.parent='yes': use null, or train"),
     (["uptrain.alpha=0.1", "init_from=hf:gpt2"], "uptrain.alpha counts the parent's steps"),
     (["uptrain.optim={lrate: 1}"], "uptrain.optim has unknown key(s) lrate"),
+    (["uptrain.optim={lr: 0}", "init_from=x.ckpt"], "uptrain.optim.lr=0 must be > 0"),
+    (["uptrain.optim={min_lr: -1}", "init_from=x.ckpt"], "uptrain.optim.min_lr=-1 must be >= 0"),
+    (["uptrain.optim={betas: [0.9, 1.5]}", "init_from=x.ckpt"], "uptrain.optim.betas=[0.9, 1.5] must be two numbers"),
+    (["uptrain.optim={lr: fast}", "init_from=x.ckpt"], "uptrain.optim.lr='fast' must be a number, as optim.lr"),
 ])
 def test_contradictory_settings_are_one_clear_line(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):

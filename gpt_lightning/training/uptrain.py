@@ -86,7 +86,31 @@ def check(cfg) -> dict:
     unknown = sorted(set(u["optim"] or {}) - set(cfg.optim))
     if unknown:
         raise UserError(f"uptrain.optim has unknown key(s) {', '.join(unknown)}; valid: {', '.join(cfg.optim)}")
+    if u["optim"]:
+        check_optim_over(OmegaConf.to_container(cfg.optim, resolve=True), u["optim"])
     return u
+
+
+def check_optim_over(optim: dict, over: dict) -> None:
+    """`uptrain.optim` laid over `optim.*` passes optim's own checks, a bad value named as the uptrain key."""
+    from gpt_lightning.training.config_checks import check_optim  # config_checks imports more of the package
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    for key, value in over.items():
+        if isinstance(optim[key], (list, tuple)):
+            if not (isinstance(value, (list, tuple)) and all(number(x) for x in value)):
+                raise UserError(f"uptrain.optim.{key}={value!r} must be a list of numbers, as optim.{key}")
+        elif not number(value):
+            raise UserError(f"uptrain.optim.{key}={value!r} must be a number, as optim.{key}")
+    try:
+        check_optim(OmegaConf.create({**optim, **over}))
+    except UserError as e:
+        key = str(e).split("=", 1)[0].removeprefix("optim.")
+        if key in over:  # the value laid over optim.* is the bad one
+            raise UserError(f"uptrain.{e}") from None
+        raise
 
 
 @dataclass(frozen=True)
