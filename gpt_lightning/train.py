@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import signal
 import sys
@@ -16,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_original_cwd, instantiate
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -73,14 +74,25 @@ def train_record(trainer: L.Trainer, module: GPTLightningModule, metrics: dict, 
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", details=details or {})
 
 
-def resume_command(run_dir: Path) -> str:
+def resume_command(run_dir: Path, trained_parent: str | None = None) -> str:
     """The command that continues this run: its own overrides, ckpt_path=last, its directory (a multirun's job
-    resumes as a single run)."""
+    resumes as a single run). `trained_parent`: the checkpoint of the parent that `uptrain.parent=train` trained
+    for this run; the resumed run takes it as init_from (with uptrain.parent=null), as the original did, instead of
+    training a new parent in its own directory."""
     hc = HydraConfig.get()
-    keep = [o for o in hc.overrides.task if o.lstrip("+~").split("=", 1)[0] not in ("ckpt_path", "hydra.mode")]
+    replaced = ("ckpt_path", "hydra.mode") + (("init_from", "uptrain.parent") if trained_parent else ())
+    keep = [o for o in hc.overrides.task if o.lstrip("+~").split("=", 1)[0] not in replaced]
+    parent = [f"init_from={override_value(trained_parent)}", "uptrain.parent=null"] if trained_parent else []
     single = ["hydra.mode=RUN"] if hc.mode == RunMode.MULTIRUN else []
-    return shlex.join(["python", "-m", "gpt_lightning.train", *keep, "ckpt_path=last", f"hydra.run.dir={run_dir}",
-                       *single])
+    return shlex.join(["python", "-m", "gpt_lightning.train", *keep, *parent, "ckpt_path=last",
+                       f"hydra.run.dir={override_value(str(run_dir))}", *single])
+
+
+def override_value(text: str) -> str:
+    """`text` as a Hydra override value: quoted where Hydra's grammar would read it otherwise (`=`, spaces, ...)."""
+    if re.fullmatch(r"[\w./~+\-:@]*", text):
+        return text
+    return "'" + text.replace("'", "\\'") + "'"
 
 
 def instantiate_group(name: str, group) -> list:
@@ -98,6 +110,19 @@ def instantiate_group(name: str, group) -> list:
             raise UserError(f"{name}.{key} ({entry.get('_target_')}) cannot be built: {reason}; "
                             f"check its keys, or drop it with ~{name}.{key}") from None
     return objects
+
+
+def build_trainer(trainer_args: dict, **objects) -> L.Trainer:
+    """lightning.Trainer(**trainer.*, **objects); a value Lightning refuses (one config_checks does not know:
+    trainer.limit_val_batches=-1, trainer.strategy=foo, trainer.devices=abc) is one line naming the setting."""
+    try:
+        return L.Trainer(**trainer_args, **objects)
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as e:
+        reason = " ".join(str(e).split()).rstrip(".") or type(e).__name__
+        named = [f"trainer.{k}={v}" for k, v in trainer_args.items()
+                 if re.search(rf"(?<![A-Za-z_]){re.escape(k)}(?![A-Za-z_])", reason, re.IGNORECASE)]
+        raise UserError(f"{', '.join(named) or 'the trainer.* settings'}: refused by lightning.Trainer: {reason}; "
+                        f"fix that trainer.* value") from None
 
 
 def study_home(run_dir: Path) -> Path:
@@ -140,8 +165,8 @@ def train(cfg: DictConfig) -> dict:
     precision = trainer_args["precision"] = resolve_precision(trainer_args.get("precision", "auto"),
                                                               trainer_args.get("accelerator", "auto"))
     # Checkpoints are written beside their target and renamed over it, wherever $TMPDIR is.
-    trainer = L.Trainer(**trainer_args, callbacks=callbacks, logger=loggers, default_root_dir=run_dir,
-                        plugins=[AtomicCheckpointIO()])
+    trainer = build_trainer(trainer_args, callbacks=callbacks, logger=loggers, default_root_dir=run_dir,
+                            plugins=[AtomicCheckpointIO()])
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.dirpath and rank_zero_only.rank == 0:
         remove_partial_checkpoints(checkpoint.dirpath)  # saves killed mid-write in an earlier process
@@ -150,7 +175,8 @@ def train(cfg: DictConfig) -> dict:
              gpt_config.hidden, gpt_config.attention, gpt_config.n_head, gpt_config.n_kv_groups, precision)
 
     log_hparams_start(trainer, gpt_config, optim["lr"])
-    with SignalGuard(trainer, checkpoint.dirpath if checkpoint else None, resume_command(run_dir)) as guard:
+    resume = resume_command(run_dir, init_from if up["parent"] == "train" else None)
+    with SignalGuard(trainer, checkpoint.dirpath if checkpoint else None, resume) as guard:
         try:
             if plan.evaluate_only:  # alpha = 0: the converted model as is (Lightning cannot fit 0 steps)
                 trainer.validate(module, datamodule=datamodule)

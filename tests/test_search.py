@@ -22,7 +22,7 @@ from gpt_lightning.common.errors import UserError
 from gpt_lightning.model import GPTConfig
 from gpt_lightning.training.divergence import DivergenceGuard, TrainingDiverged, stop_diverged
 from gpt_lightning.training.module import GPTLightningModule
-from gpt_lightning.training.per_arm_sweeper import PerArmSearch, split_overrides
+from gpt_lightning.training.per_arm_sweeper import PerArmSearch, flatten, split_overrides
 from gpt_lightning.training.run_record import RunRecord
 from gpt_lightning.training.search import check_hparams_search, search_objective
 
@@ -71,6 +71,23 @@ def test_lists_are_arms_intervals_are_searched_the_rest_is_fixed():
     assert arms == {"attention.kv_groups": ["1", "2", "4", "8"]}
     assert space == {"optim.lr": LogUniformDistribution(1e-4, 1e-2), "optim.weight_decay": UniformDistribution(0, 0.2)}
     assert fixed == ["trainer.max_steps=300"]
+
+
+@pytest.mark.parametrize("experiment, arms", [
+    ("kv_sweep", {"attention.kv_groups": ["1", "2", "4", "8"]}),
+    ("kv_sweep_seeds", {"seed": ["1", "2", "3"], "attention.kv_groups": ["1", "2", "4", "8"]})])
+def test_a_presets_lists_are_arms_not_search_dimensions(experiment, arms):
+    """experiment=kv_sweep puts its list in hydra.sweeper.params, beside the search preset's interval."""
+    with initialize_config_dir(version_base="1.3", config_dir=CONF):
+        cfg = compose("config", overrides=[f"experiment={experiment}", "hparams_search=lr"], return_hydra_config=True)
+    found, space, fixed = split_overrides([], flatten(cfg.hydra.sweeper.params))
+    assert found == arms and space == {"optim.lr": LogUniformDistribution(1e-4, 1e-2)} and fixed == []
+
+
+def test_a_command_line_value_pins_a_presets_arm():
+    arms, space, fixed = split_overrides(["attention.kv_groups=2"], {"seed": "1,2", "attention.kv_groups": "1,2,4,8",
+                                                                     "optim.lr": "interval(1e-4, 1e-2)"})
+    assert arms == {"seed": ["1", "2"]} and list(space) == ["optim.lr"] and fixed == ["attention.kv_groups=2"]
 
 
 def test_a_command_line_list_of_a_searched_key_makes_it_an_arm():

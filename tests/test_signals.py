@@ -19,7 +19,22 @@ from gpt_lightning.training.signals import SignalGuard
 def fake_trainer(stage=RunningStage.TRAINING):
     return SimpleNamespace(state=SimpleNamespace(status=TrainerStatus.RUNNING, stage=stage),
                            _signal_connector=SimpleNamespace(received_sigterm=False),
-                           strategy=SimpleNamespace(launcher=None))
+                           strategy=SimpleNamespace(launcher=None), callbacks=[])
+
+
+def in_training_loop(guard):
+    """What Lightning's fit loop tells the guard's LoopWatch when training starts."""
+    guard.watch.on_train_start(guard.trainer, None)
+    return guard
+
+
+def real_trainer(max_steps=50, callbacks=()):
+    import lightning as L
+
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False,
+                     enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                     num_sanity_val_steps=0, callbacks=list(callbacks))
 
 
 def wait_for(condition, timeout=10.0):
@@ -43,6 +58,7 @@ def test_lightning_stop_flag_is_the_one_the_guard_sets():
 def test_a_first_signal_inside_a_step_asks_lightning_to_stop_at_the_boundary(signum, capfd):
     trainer = fake_trainer()
     with SignalGuard(trainer, None, "python -m gpt_lightning.train ckpt_path=last hydra.run.dir=RUN") as guard:
+        in_training_loop(guard)
         os.kill(os.getpid(), signum)  # SIGINT no longer raises KeyboardInterrupt in the middle of a step
         assert wait_for(lambda: trainer._signal_connector.received_sigterm and guard.count == 1)
     assert guard.first == signum and signal.getsignal(signum) is not guard._handle  # handlers restored
@@ -54,12 +70,15 @@ def test_a_signal_to_a_forked_dataloader_worker_does_not_count_in_the_parent():
     with SignalGuard(fake_trainer(), None, "resume") as guard:
         pid = os.fork()
         if pid == 0:  # a DataLoader worker gets Ctrl-C too: the whole process group does
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.2)
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+            except BaseException:  # the worker must not die of it (its parent would fail on the lost worker)
+                os._exit(3)
             os._exit(0)
-        os.waitpid(pid, 0)
+        _, status = os.waitpid(pid, 0)
         time.sleep(0.3)
-        assert guard.count == 0
+        assert guard.count == 0 and os.waitstatus_to_exitcode(status) == 0
 
 
 def test_a_first_signal_outside_lightnings_loops_stops_there():
@@ -67,6 +86,58 @@ def test_a_first_signal_outside_lightnings_loops_stops_there():
         with SignalGuard(fake_trainer(stage=None), None, "resume"):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # data preparation, say: nothing polls Lightning's flag here
+
+
+def test_a_first_signal_during_data_preparation_stops_there_not_after_training():
+    """Trainer.fit reports stage=TRAINING already in prepare_data, and Lightning resets its stop flag before the
+    loop: a flag set there was lost and the run trained to the end."""
+    from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+
+    class SignalledWhilePreparing(BoringDataModule):
+        def prepare_data(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's preemption during a download, say
+            time.sleep(0.5)
+
+    trainer = real_trainer()
+    with SignalGuard(trainer, None, "resume") as guard:
+        with pytest.raises(SIGTERMException):
+            trainer.fit(BoringModel(), datamodule=SignalledWhilePreparing())
+    assert guard.first == signal.SIGTERM and trainer.global_step == 0
+    assert guard.watch not in trainer.callbacks
+
+
+def test_a_signal_before_training_starts_writes_no_checkpoint(tmp_path):
+    """The weights before the loop are not this run's training state (a resumed run's last.ckpt must survive)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+
+    from gpt_lightning.training.callbacks import CheckpointOnSigterm
+
+    class SignalledWhilePreparing(BoringDataModule):
+        def prepare_data(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = real_trainer(callbacks=[ModelCheckpoint(dirpath=tmp_path), CheckpointOnSigterm()])
+    with SignalGuard(trainer, str(tmp_path), "resume"):
+        with pytest.raises(SIGTERMException):
+            trainer.fit(BoringModel(), datamodule=SignalledWhilePreparing())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_first_signal_in_a_real_training_loop_stops_at_the_step_boundary():
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class SignalAtStep3(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = real_trainer(callbacks=[SignalAtStep3()])
+    with SignalGuard(trainer, None, "resume"):
+        with pytest.raises(SIGTERMException):
+            trainer.fit(BoringModel())
+    assert trainer.global_step == 3
 
 
 # A step stuck in one long C++ op (a matmul: the GIL is released, Python runs no handler until it returns).
@@ -79,8 +150,9 @@ STUCK = textwrap.dedent("""
     torch.set_num_threads(1)
     trainer = SimpleNamespace(state=SimpleNamespace(status=TrainerStatus.RUNNING, stage=RunningStage.TRAINING),
                               _signal_connector=SimpleNamespace(received_sigterm=False),
-                              strategy=SimpleNamespace(launcher=None))
-    with SignalGuard(trainer, sys.argv[1], "python -m gpt_lightning.train ckpt_path=last hydra.run.dir=RUN"):
+                              strategy=SimpleNamespace(launcher=None), callbacks=[])
+    with SignalGuard(trainer, sys.argv[1], "python -m gpt_lightning.train ckpt_path=last hydra.run.dir=RUN") as g:
+        g.watch.on_train_start(trainer, None)  # inside Lightning's training loop
         AtomicCheckpointIO().save_checkpoint({"global_step": 7}, sys.argv[1] + "/last.ckpt")
         a = torch.randn(8192, 8192)
         print("ready", flush=True)

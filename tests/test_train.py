@@ -252,6 +252,8 @@ def test_compare_refuses_a_folder_without_runs(tmp_path):
     (["init_from=nowhere.ckpt", "uptrain.method=median"], "error: uptrain.method='median' is not a KV-head "
                                                           "conversion method; use one of mean, first, random"),
     (["experiment=uptrain_study", "hydra.mode=RUN"], "error: uptrain.alpha=0.05 needs a parent: set init_from="),
+    (["init_from=nowhere.ckpt", "uptrain.optim={lr:0}"], "error: uptrain.optim.lr=0 must be > 0"),
+    (["trainer.limit_val_batches=-1"], "error: trainer.limit_val_batches=-1: refused by lightning.Trainer"),
 ])
 def test_bad_input_is_one_clear_line(corpus, tmp_path, overrides, message):
     result = train(corpus, tmp_path, "hydra.run.dir=bad", *overrides)

@@ -1,7 +1,9 @@
 """The conversion study's settings (`uptrain.*`): refused in one line before any work, and the step plan."""
 
 import re
+import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.training import uptrain
+from gpt_lightning.training.run_record import RunRecord
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -37,6 +40,10 @@ def parent(tmp_path) -> str:
     (["uptrain.parent=yes"], "uptrain.parent='yes': use null, or train"),
     (["uptrain.alpha=0.1", "init_from=hf:gpt2"], "uptrain.alpha counts the parent's steps"),
     (["uptrain.optim={lrate: 1}"], "uptrain.optim has unknown key(s) lrate"),
+    (["uptrain.optim={lr: 0}", "init_from=x.ckpt"], "uptrain.optim.lr=0 must be > 0"),
+    (["uptrain.optim={min_lr: -1}", "init_from=x.ckpt"], "uptrain.optim.min_lr=-1 must be >= 0"),
+    (["uptrain.optim={betas: [0.9, 1.5]}", "init_from=x.ckpt"], "uptrain.optim.betas=[0.9, 1.5] must be two numbers"),
+    (["uptrain.optim={lr: fast}", "init_from=x.ckpt"], "uptrain.optim.lr='fast' must be a number, as optim.lr"),
 ])
 def test_contradictory_settings_are_one_clear_line(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -84,3 +91,96 @@ def test_the_uptrain_gqa_preset_refuses_to_start_without_a_checkpoint():
     with pytest.raises(UserError, match="this preset converts an MHA checkpoint: pass init_from="):
         uptrain.check(cfg("experiment=uptrain_gqa"))
     assert uptrain.check(cfg("experiment=uptrain_gqa", "init_from=x.ckpt"))["needs_init_from"] is True
+
+
+# --- the parent that uptrain.parent=train trains --------------------------------------------------------------------
+
+def fake_parent_training(calls, outcome="complete"):
+    """Stands in for the parent's subprocess: records the command, writes what a finished (or failed) parent leaves."""
+    def run(cmd, cwd=None):
+        calls.append(cmd)
+        run_dir = Path(next(a for a in cmd if a.startswith("hydra.run.dir=")).split("=", 1)[1])
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        if outcome == "complete":
+            torch.save({"global_step": 200}, run_dir / "checkpoints" / "last.ckpt")
+        RunRecord(kind="train", status=outcome, error=None if outcome == "complete" else "boom").save(
+            run_dir / "summary.json")
+        return SimpleNamespace(returncode=0 if outcome == "complete" else 1)
+    return run
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.delenv(uptrain.PARENT_ENV, raising=False)
+    monkeypatch.setattr(uptrain, "_failed_parents", {}, raising=False)
+    return tmp_path / "sweep"
+
+
+def test_a_failed_parent_is_moved_aside_and_trained_again(home, monkeypatch):
+    (home / "parent").mkdir(parents=True)
+    RunRecord(kind="train", status="failed", error="boom").save(home / "parent" / "summary.json")
+    calls = []
+    monkeypatch.setattr(uptrain.subprocess, "run", fake_parent_training(calls))
+    ckpt = uptrain.train_parent(home, ["experiment=uptrain_study_with_parent"], home)
+    assert len(calls) == 1 and Path(ckpt) == home / "parent" / "checkpoints" / "last.ckpt" and Path(ckpt).is_file()
+    assert RunRecord.load(home / "parent.failed-1" / "summary.json").error == "boom"  # kept, not deleted
+
+
+def test_a_finished_parent_is_reused(home, monkeypatch):
+    calls = []
+    monkeypatch.setattr(uptrain.subprocess, "run", fake_parent_training(calls))
+    first = uptrain.train_parent(home, [], home)
+    monkeypatch.delenv(uptrain.PARENT_ENV)  # a rerun of the study: a new process
+    assert uptrain.train_parent(home, [], home) == first and len(calls) == 1
+
+
+def test_an_interrupted_parent_is_resumed(home, monkeypatch):
+    (home / "parent" / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 80}, home / "parent" / "checkpoints" / "last.ckpt")  # SIGTERM: a checkpoint, no record
+    calls = []
+    monkeypatch.setattr(uptrain.subprocess, "run", fake_parent_training(calls))
+    uptrain.train_parent(home, [], home)
+    assert calls[0][-1] == "ckpt_path=last" and not (home / "parent.failed-1").exists()
+
+
+def test_a_parent_that_fails_is_tried_once_per_process(home, monkeypatch):
+    calls = []
+    monkeypatch.setattr(uptrain.subprocess, "run", fake_parent_training(calls, outcome="failed"))
+    for _ in range(2):  # two jobs of one sweep
+        with pytest.raises(UserError, match="training the MHA parent failed"):
+            uptrain.train_parent(home, [], home)
+    assert len(calls) == 1
+
+
+@pytest.fixture
+def hydra_job():
+    """Set HydraConfig as a job of this composed config would see it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    def job(*overrides):
+        with initialize_config_dir(version_base="1.3", config_dir=CONF):
+            HydraConfig.instance().set_config(compose("config", overrides=list(overrides), return_hydra_config=True))
+    yield job
+    HydraConfig.instance().cfg = None
+
+
+def test_resuming_an_arm_of_the_study_with_parent_reuses_that_parent(hydra_job, tmp_path):
+    from gpt_lightning.train import resume_command
+
+    hydra_job("experiment=uptrain_study_with_parent", "uptrain.method=first", "uptrain.alpha=0.1")
+    parent = str(tmp_path / "sweep" / "parent" / "checkpoints" / "last.ckpt")
+    args = shlex.split(resume_command(tmp_path / "sweep" / "1_first_a0.1", trained_parent=parent))
+    assert args[-3:] == ["ckpt_path=last", f"hydra.run.dir={tmp_path / 'sweep' / '1_first_a0.1'}", "hydra.mode=RUN"]
+    resumed = cfg(*(a for a in args[3:] if not a.startswith("hydra.")))
+    u = uptrain.check(resumed)
+    assert (u["parent"], resumed.init_from, u["method"], u["alpha"]) == (None, parent, "first", 0.1)
+
+
+def test_a_resume_command_quotes_a_path_hydra_would_misread(hydra_job, tmp_path):
+    from gpt_lightning.train import resume_command
+
+    hydra_job("experiment=uptrain_study_with_parent")
+    parent = str(tmp_path / "a=b" / "last.ckpt")
+    args = shlex.split(resume_command(tmp_path / "run", trained_parent=parent))
+    assert f"init_from='{parent}'" in args
+    assert cfg(*(a for a in args[3:] if not a.startswith("hydra."))).init_from == parent

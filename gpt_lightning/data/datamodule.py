@@ -219,8 +219,9 @@ class MachadoDataModule(L.LightningDataModule):
         h = self.hparams
         sampler = ShardedSampler(len(self.datasets[split]), shuffle=train, seed=h.seed, equal_shards=train)
         if train and self.trainer is not None:
-            # Resuming mid-epoch (ckpt_path=last): the loop progress is restored before this is called, so
-            # skip the windows the interrupted run already trained on in this epoch.
+            # Resuming mid-epoch (ckpt_path=last): the loop progress is restored before this is called (the
+            # module asks for the schedule's length only at the first step, so nothing builds this loader
+            # earlier), so skip the windows the interrupted run already trained on in this epoch.
             per_step = h.batch_size * self.trainer.world_size
             if self._resumed_windows_per_step not in (None, per_step):
                 raise UserError(f"resuming with data.batch_size={h.batch_size} on {self.trainer.world_size} "

@@ -20,7 +20,7 @@ from gpt_lightning.common.errors import UserError
 from gpt_lightning.data.tokens import encode_prompt
 from gpt_lightning.measure.limits import matmul_peak, spec_peak
 from gpt_lightning.model.sampling import check_sampling
-from gpt_lightning.training.signals import first_signal
+from gpt_lightning.training.signals import first_signal, stopped_outside_the_loop
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ class CheckpointOnSigterm(L.Callback):
             return
         if trainer.state.fn != TrainerFn.FITTING or trainer.state.stage not in (RunningStage.TRAINING,
                                                                                  RunningStage.VALIDATING):
+            return
+        if stopped_outside_the_loop():  # stage is TRAINING from before prepare_data: ask the guard
             return
         path = f"{checkpoint.dirpath}/last.ckpt"
         trainer.save_checkpoint(path)

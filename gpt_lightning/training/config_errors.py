@@ -18,13 +18,27 @@ from gpt_lightning.common.cli import EXIT_USER_ERROR
 
 def one_line(error: BaseException) -> str:
     """The message of a Hydra/OmegaConf composition error, and of its OmegaConf cause, on one line."""
+    from hydra.errors import OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
+    if isinstance(error, OverrideParseException):
+        return override_parse_error(error.override, _flatten(error.message))
     parts = [_flatten(str(error))]
     cause = error.__cause__
     if isinstance(cause, OmegaConfBaseException):
         parts.append(_flatten(str(cause)))
     return ": ".join(p.rstrip(".") for p in parts if p)
+
+
+def override_parse_error(override: str, reason: str) -> str:
+    """A command-line override Hydra's grammar refused, named; a value with `=` in it (`best-step=3.ckpt`, the
+    checkpoint callback's file names) gets the quoting that reads it as one value."""
+    message = f"cannot parse the override {override!r}: {reason.rstrip('.')}"
+    key, sep, value = override.partition("=")
+    if sep and "=" in value and not value.startswith(("'", '"')):
+        quoted = f'{key}="{value}"'
+        message += f"; a value with '=' in it must be quoted for Hydra: '{quoted}'"
+    return message
 
 
 def _flatten(text: str) -> str:

@@ -10,9 +10,11 @@ over every window of the test split.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict
 
 import lightning as L
+import numpy as np
 import torch
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
@@ -41,6 +43,7 @@ class GPTLightningModule(L.LightningModule):
         self.test_nats, self.test_bytes = SumMetric(), SumMetric()
         self.tokens_seen = 0  # restored from checkpoints, so resumed curves continue
         self.flops_per_batch = None  # read by Lightning's ThroughputMonitor (FLOPs and MFU curves)
+        self._resumed_rng: dict | None = None  # a resumed checkpoint's RNG states, applied at on_train_start
 
     @classmethod
     def from_config(cls, config: GPTConfig, optim: dict, **kwargs) -> "GPTLightningModule":
@@ -89,10 +92,21 @@ class GPTLightningModule(L.LightningModule):
         # must do before clipping (a fused optimizer would unscale only inside its own step).
         fused = device_type in ("cuda", "cpu") and str(self.trainer.precision) not in ("16-mixed", "16", "16-true")
         optimizer = make_optimizer(self.model, o, fused=fused)
-        total = int(self.trainer.estimated_stepping_batches)
         min_ratio = o["min_lr"] / o["lr"]
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cosine_with_warmup(step, o["warmup_steps"], total, min_ratio))
+        total: list[int] = []
+
+        def factor(step: int) -> float:
+            # The schedule's length is asked for at the first step, not here: with trainer.max_epochs set,
+            # estimated_stepping_batches builds the train loader, and here (strategy setup) comes before Lightning
+            # restores a resumed run's loop progress: that loader would start the epoch from its first batch.
+            # At step 0 (LambdaLR calls this once on construction) the factor does not depend on the length.
+            if step == 0:
+                return cosine_with_warmup(0, o["warmup_steps"], 1, min_ratio)
+            if not total:
+                total.append(int(self.trainer.estimated_stepping_batches))
+            return cosine_with_warmup(step, o["warmup_steps"], total[0], min_ratio)
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
@@ -108,6 +122,39 @@ class GPTLightningModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint):
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        self._resumed_rng = checkpoint.get("rng_states")
+
+    def on_train_start(self):
+        """A resumed run draws the random numbers (dropout) the interrupted run would have drawn next. Restored
+        here, not at load: between loading and the first step Lightning creates the train loader's iterator,
+        which takes a draw from torch's generator that the original run took before its first step."""
+        if self._resumed_rng is not None:
+            set_rng_states(self._resumed_rng)
+            self._resumed_rng = None
+
+
+def rng_states() -> dict:
+    """torch (CPU, and this process's CUDA device), numpy and Python RNG states, as types a weights_only load reads.
+
+    Under DDP only rank 0 writes checkpoints, and every rank restores rank 0's states. That is exact: every rank is
+    seeded with the same `seed` (seed_everything) and draws the same random numbers per step (same model, same
+    batch shape), so the ranks' states are equal throughout."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "python": random.getstate()}
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])  # the current device: this rank's
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -4,11 +4,12 @@ Hydra's Optuna sweeper would treat `attention.kv_groups=1,2,4,8` as one more sea
 kv_groups as it picks the learning rate, and the arms would not each get their best learning rate. This sweeper
 (hydra-optuna-sweeper's, with `sweep` replaced) splits the overrides instead:
 
-- a list on the command line (`a=1,2`, `choice(...)`, `range(...)`) is an **arm** dimension: every combination of
-  them is an arm, and each arm gets its own Optuna study;
-- `hydra.sweeper.params` and any `interval(...)` on the command line (`'optim.weight_decay=interval(0,0.2)'`,
-  `'optim.lr=tag(log,interval(1e-4,1e-2))'`, which replaces the preset's range) is the **search space** of every
-  study;
+- a list (`a=1,2`, `choice(...)`, `range(...)`), on the command line or in `hydra.sweeper.params` (an experiment
+  preset's sweep: `experiment=kv_sweep`'s kv_groups, `kv_sweep_seeds`' seeds), is an **arm** dimension: every
+  combination of them is an arm, and each arm gets its own Optuna study;
+- an `interval(...)` in `hydra.sweeper.params` (the hparams_search preset's) or on the command line
+  (`'optim.weight_decay=interval(0,0.2)'`, `'optim.lr=tag(log,interval(1e-4,1e-2))'`, which replaces the preset's
+  range) is the **search space** of every study;
 - everything else is fixed, the same for every trial (the seed included).
 
 Each study lives in SQLite under the sweep folder (`sqlite:///<sweep dir>/optuna.db`), named `<study_name>[<arm>]`,
@@ -72,31 +73,26 @@ def bare(key: str) -> str:
 
 
 def split_overrides(arguments: list[str], params: dict[str, str]) -> tuple[dict, dict, list[str]]:
-    """(arms {key: [values]}, search space {key: distribution}, fixed overrides) from the command line's overrides
-    and hydra.sweeper.params. A key given on the command line wins over the same key in params."""
+    """(arms {key: [values]}, search space {key: distribution}, fixed overrides) from hydra.sweeper.params and the
+    command line's overrides, the same rules for both: lists are arms, intervals are searched, the rest is fixed.
+    A key given on the command line wins over the same key in params."""
     parser = OverridesParser.create()
     arms: dict[str, list[str]] = {}
     space: dict[str, BaseDistribution] = {}
-    fixed: list[str] = []
-    for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()]):
-        value = create_optuna_distribution_from_override(o)
-        if isinstance(value, BaseDistribution):
-            space[o.get_key_element()] = value
-        else:
-            fixed.append(o.input_line)
-    for o in parser.parse_overrides(arguments):
+    fixed: dict[str, str] = {}  # key -> override
+    for o in parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + list(arguments)):
         key = o.get_key_element()
+        for kind in (arms, space, fixed):  # a later value of the key replaces an earlier one
+            kind.pop(key, None)
         if o.is_choice_sweep() or o.is_range_sweep():
             arms[key] = list(o.sweep_string_iterator())
-            space.pop(key, None)
         elif o.is_interval_sweep():
             space[key] = create_optuna_distribution_from_override(o)
         elif o.is_sweep_override():
             raise UserError(f"{o.input_line}: glob sweeps are not supported by the per-arm search; list the values")
         else:
-            fixed.append(o.input_line)
-            space.pop(key, None)
-    return arms, space, fixed
+            fixed[key] = o.input_line
+    return arms, space, list(fixed.values())
 
 
 def arm_label(arm: dict[str, str]) -> str:

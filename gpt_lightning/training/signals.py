@@ -17,7 +17,8 @@ import signal
 import threading
 from pathlib import Path
 
-from lightning.pytorch.trainer.states import TrainerStatus
+import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gpt_lightning.training.checkpoint_io import AtomicCheckpointIO
@@ -31,6 +32,12 @@ def first_signal() -> int | None:
     return _active.first if _active is not None else None
 
 
+def stopped_outside_the_loop() -> bool:
+    """Whether the guard stopped the run where no Lightning loop ran (data preparation, setup, restoring): there
+    is no training state to save (read by `CheckpointOnSigterm`)."""
+    return _active is not None and _active.raised_outside
+
+
 class Stopped(SystemExit):
     """Training stopped by a signal at a step boundary; the exit status is 128 + the signal (143, 130).
     A SystemExit, so a multirun stops too (a preempted sweep is not a failed job)."""
@@ -40,13 +47,41 @@ class Stopped(SystemExit):
         self.signum, self.message = signum, message
 
 
+class LoopWatch(L.Callback):
+    """Tells its guard when a Lightning loop polls the stop flag: from the start of a loop (after Lightning's
+    `register_signal_handlers` has reset the flag) to its end. Outside (data preparation, setup, restoring a
+    checkpoint, between `fit` and `test`) the flag would be lost: Trainer.fit reports stage=TRAINING from before
+    its prepare_data, and the reset discards a flag set there."""
+
+    def __init__(self, guard: "SignalGuard"):
+        self.guard = guard
+
+    def _start(self, trainer, pl_module) -> None:
+        self.guard.in_loop = True
+
+    def _end(self, trainer, pl_module, *exception) -> None:
+        self.guard.in_loop = False
+
+    on_sanity_check_start = on_train_start = on_validation_start = on_test_start = on_predict_start = _start
+    on_train_end = on_test_end = on_predict_end = on_exception = _end
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:  # validation inside fit: the fit loop goes on polling
+            self._end(trainer, pl_module)
+
+
 class SignalGuard:
-    """`with SignalGuard(trainer, checkpoint_dir, resume_command):` around `trainer.fit` and `trainer.test`."""
+    """`with SignalGuard(trainer, checkpoint_dir, resume_command):` around `trainer.fit` and `trainer.test`.
+    It adds a `LoopWatch` to the trainer's callbacks while active."""
 
     def __init__(self, trainer, checkpoint_dir: str | None, resume_command: str):
         self.trainer, self.checkpoint_dir, self.resume_command = trainer, checkpoint_dir, resume_command
         self.first: int | None = None
         self.count = 0
+        self.in_loop = False  # set by LoopWatch: a Lightning loop polls the stop flag
+        self.in_child = False  # a forked child (a DataLoader worker) of the guarded process
+        self.raised_outside = False  # stopped by raising SIGTERMException outside Lightning's loops
+        self.watch = LoopWatch(self)
         self._lock = threading.Lock()
         self._watchdog: threading.Thread | None = None
         self._old_handlers: dict = {}
@@ -56,6 +91,7 @@ class SignalGuard:
         global _active
         if threading.current_thread() is not threading.main_thread():
             return self
+        self.trainer.callbacks.append(self.watch)
         # A signal ignored on purpose (nohup, a shell's background job) stays ignored.
         self._old_handlers = {s: signal.getsignal(s) for s in SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
         if not self._old_handlers:
@@ -76,6 +112,8 @@ class SignalGuard:
 
     def __exit__(self, *exc) -> None:
         global _active
+        if self.watch in self.trainer.callbacks:
+            self.trainer.callbacks.remove(self.watch)
         if not self._old_handlers:
             return
         _active = None
@@ -103,14 +141,17 @@ class SignalGuard:
 
     def _handle(self, signum, frame) -> None:
         """Python-level handler (main thread, between bytecodes): ask Lightning to stop after this step."""
+        if self.in_child:  # a DataLoader worker: the parent acts; raising here would kill the worker under it
+            return
         if self._watchdog is None:
             self._count(signum)
         trainer = self.trainer
-        if trainer.state.status == TrainerStatus.RUNNING and trainer.state.stage is not None:
+        if self.in_loop and trainer.state.status == TrainerStatus.RUNNING:
             # Lightning private API (Trainer.received_sigterm has no setter); pinned by tests/test_signals.py.
             # Its loops raise SIGTERMException at the next step boundary (on every DDP rank, via a broadcast).
             trainer._signal_connector.received_sigterm = True
         else:  # no Lightning loop is polling the flag (data preparation, setup): stop here
+            self.raised_outside = True
             raise SIGTERMException()
 
     def _count(self, signum: int) -> None:
@@ -121,8 +162,9 @@ class SignalGuard:
             n = self.count
         name = signal.Signals(signum).name
         if n == 1:
-            _say(f"\n{name} received: finishing this step, then saving last.ckpt and stopping "
-                 f"(send {name} again to stop at once)\n")
+            doing = "finishing this step, then saving last.ckpt and stopping" if self.in_loop else \
+                "stopping now (no training step is running)"
+            _say(f"\n{name} received: {doing} (send {name} again to stop at once)\n")
             return
         _say(f"\n{name} again: stopping at once, without saving. Last checkpoint: {self.last_checkpoint()}. "
              f"Resume with: {self.resume_command}\n")
@@ -147,8 +189,10 @@ class SignalGuard:
 
 def _forget_in_child() -> None:
     """A forked child (a DataLoader worker) inherits the wakeup fd: its signals (Ctrl-C reaches the whole process
-    group) would reach the parent's watchdog and count as a second signal. The child keeps the handler, which only
-    sets a flag on its own copy of the trainer."""
+    group) would reach the parent's watchdog and count as a second signal. The child keeps the handler, which
+    ignores them there (the parent stops the run and its workers)."""
+    if _active is not None:
+        _active.in_child = True
     if _active is not None and _active._watchdog is not None:
         try:
             signal.set_wakeup_fd(-1)

@@ -11,7 +11,10 @@ The `uptrain` config node:
 - `optim`: optimizer settings laid over `optim.*` for runs that start from `init_from` weights (a converted model
   needs a small learning rate: a fresh AdamW at the peak rate undoes the pooling); `scratch` keeps `optim.*`.
 - `parent`: `train` trains the MHA parent first, once per sweep, into `<sweep dir>/parent/` (one subprocess, under
-  a file lock so parallel jobs wait for it) and uses its `last.ckpt` as `init_from`.
+  a file lock so parallel jobs wait for it) and uses its `last.ckpt` as `init_from`. A parent counts as trained
+  when its run record says complete and its last.ckpt is there; an interrupted one (a checkpoint, no record) is
+  resumed; a failed one is moved aside to `parent.failed-N/` and trained again, once per process (the later jobs
+  of a sweep whose parent failed fail with the same line instead of retraining it each).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from omegaconf import OmegaConf
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.model.convert import POOL_METHODS, check_pool_method
 from gpt_lightning.training.checkpoints import load_checkpoint
-from gpt_lightning.training.run_record import TRAIN_RECORD
+from gpt_lightning.training.run_record import TRAIN_RECORD, RecordError, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,31 @@ def check(cfg) -> dict:
     unknown = sorted(set(u["optim"] or {}) - set(cfg.optim))
     if unknown:
         raise UserError(f"uptrain.optim has unknown key(s) {', '.join(unknown)}; valid: {', '.join(cfg.optim)}")
+    if u["optim"]:
+        check_optim_over(OmegaConf.to_container(cfg.optim, resolve=True), u["optim"])
     return u
+
+
+def check_optim_over(optim: dict, over: dict) -> None:
+    """`uptrain.optim` laid over `optim.*` passes optim's own checks, a bad value named as the uptrain key."""
+    from gpt_lightning.training.config_checks import check_optim  # config_checks imports more of the package
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    for key, value in over.items():
+        if isinstance(optim[key], (list, tuple)):
+            if not (isinstance(value, (list, tuple)) and all(number(x) for x in value)):
+                raise UserError(f"uptrain.optim.{key}={value!r} must be a list of numbers, as optim.{key}")
+        elif not number(value):
+            raise UserError(f"uptrain.optim.{key}={value!r} must be a number, as optim.{key}")
+    try:
+        check_optim(OmegaConf.create({**optim, **over}))
+    except UserError as e:
+        key = str(e).split("=", 1)[0].removeprefix("optim.")
+        if key in over:  # the value laid over optim.* is the bad one
+            raise UserError(f"uptrain.{e}") from None
+        raise
 
 
 @dataclass(frozen=True)
@@ -145,21 +172,59 @@ def parent_command(task_overrides: list[str], parent_dir: Path) -> list[str]:
             "attention.kv_groups=${attention.n_heads}", "hydra.mode=RUN", f"hydra.run.dir={parent_dir}"]
 
 
+def parent_state(parent_dir: Path) -> str:
+    """complete (record says so and last.ckpt is there) | interrupted (last.ckpt, no record: a signal or a kill
+    stopped it) | failed (anything else left in the folder) | absent."""
+    record, ckpt = parent_dir / TRAIN_RECORD, parent_dir / "checkpoints" / "last.ckpt"
+    if record.is_file():
+        try:
+            complete = RunRecord.load(record).status == "complete"
+        except RecordError:
+            complete = False
+        return "complete" if complete and ckpt.is_file() else "failed"
+    if ckpt.is_file():
+        return "interrupted"
+    return "failed" if parent_dir.exists() else "absent"
+
+
+def move_aside(parent_dir: Path) -> Path:
+    """Keep a failed parent's files (its log says why) under the first free `parent.failed-N`."""
+    n = 1
+    while (aside := parent_dir.with_name(f"{parent_dir.name}.failed-{n}")).exists():
+        n += 1
+    parent_dir.rename(aside)
+    return aside
+
+
+_failed_parents: dict[str, str] = {}  # parent folder -> the error of this process's attempt to train it
+
+
 def train_parent(home: Path, task_overrides: list[str], launch_dir: Path) -> str:
     """The parent's last.ckpt, trained first (once per `home`: the sweep directory) when it is not there yet."""
     if os.environ.get(PARENT_ENV):  # a DDP rank started by rank 0, or a later job of the same sweep process
         return os.environ[PARENT_ENV]
     parent_dir = home / PARENT_DIR
     ckpt = parent_dir / "checkpoints" / "last.ckpt"
+    if str(parent_dir) in _failed_parents:  # a deterministic failure would only repeat for every job
+        raise UserError(_failed_parents[str(parent_dir)])
     with _locked(home / ".parent.lock"):
-        if not (parent_dir / TRAIN_RECORD).is_file():
+        state = parent_state(parent_dir)
+        if state == "complete":
+            log.info("using the MHA parent trained earlier in this sweep: %s", ckpt)
+        else:
             cmd = parent_command(task_overrides, parent_dir)
+            if state == "interrupted":
+                cmd.append("ckpt_path=last")
+                log.info("resuming the interrupted MHA parent in %s from its last.ckpt", parent_dir)
+            elif state == "failed":
+                log.warning("the MHA parent in %s did not finish; moved it aside to %s and training it again",
+                            parent_dir, move_aside(parent_dir))
             log.info("training the MHA parent first, into %s: %s", parent_dir, " ".join(cmd[1:]))
             rc = subprocess.run(cmd, cwd=launch_dir).returncode
-            if rc != 0 or not ckpt.is_file():
-                raise UserError(f"training the MHA parent failed (exit status {rc}); its log is in {parent_dir}; "
-                                f"fix that and rerun the study (a finished parent is reused)")
-        else:
-            log.info("using the MHA parent trained earlier in this sweep: %s", ckpt)
+            if rc != 0 or parent_state(parent_dir) != "complete":
+                error = (f"training the MHA parent failed (exit status {rc}); its log is in {parent_dir}; fix that "
+                         f"and rerun the study (a finished parent is reused, a failed one moved aside)")
+                _failed_parents[str(parent_dir)] = error
+                raise UserError(error)
     os.environ[PARENT_ENV] = str(ckpt)
     return str(ckpt)
