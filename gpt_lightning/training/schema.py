@@ -44,7 +44,8 @@ class DataConfig:  # conf/data/*.yaml -> gpt_lightning.data.MachadoDataModule(**
     batch_size: int = MISSING
     num_workers: int = MISSING
     seed: Optional[int] = MISSING
-    timeout: List[float] = MISSING      # [connect, read] seconds
+    timeout: Any = MISSING              # [connect, read] seconds, or one number for both (Any: a union of
+                                        # a number and a list is no OmegaConf type; check_data checks it)
     retries: int = MISSING
     backoff_factor: float = MISSING
     pause: float = MISSING
@@ -195,7 +196,7 @@ class EvaluateData:
     min_paragraph_chars: Optional[int] = None
     batch_size: Optional[int] = None
     num_workers: Optional[int] = None
-    timeout: Optional[List[float]] = None
+    timeout: Any = None                 # [connect, read] or one number (the datamodule checks it)
     retries: Optional[int] = None
     backoff_factor: Optional[float] = None
     pause: Optional[float] = None
