@@ -87,6 +87,18 @@ def test_an_unknown_method_is_refused_before_any_work():
         pool_kv_heads(mha(), 3, method="median")  # 3 is no divisor either: the method is checked first
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["mean", "first", "random"])
+def test_pooling_keeps_the_sources_dtype(dtype, method):
+    model = mha().to(dtype)
+    pooled = pool_kv_heads(model, 2, method=method)
+    assert {p.dtype for p in pooled.parameters()} == {dtype}
+    if method == "mean":  # the mean is taken in fp32, then rounded once to the source's dtype
+        k = model.transformer.h[0].attn.c_attn.weight[32:48].float()
+        expected = ((k[:8] + k[8:16]) / 2).to(dtype)
+        assert torch.equal(pooled.transformer.h[0].attn.c_attn.weight[32:40], expected)
+
+
 def test_pooling_to_one_group_gives_mqa():
     pooled = pool_kv_heads(mha(), 1)
     assert pooled.config.n_kv_groups == 1 and pooled.new_cache(1).k[0].shape[1] == 1

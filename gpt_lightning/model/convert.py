@@ -47,7 +47,8 @@ def pool_kv_heads(model: GPT, kv_groups: int, method: str = "mean") -> GPT:
     if kv_groups < 1 or src.n_kv_groups % kv_groups:
         raise UserError(f"cannot pool {src.n_kv_groups} KV heads into kv_groups={kv_groups}: "
                         f"kv_groups must divide {src.n_kv_groups}")
-    new = GPT(replace(src, n_kv_groups=kv_groups)).to(next(model.parameters()).device)
+    like = next(model.parameters())  # the new model lives where the source does, in its dtype (bf16 stays bf16)
+    new = GPT(replace(src, n_kv_groups=kv_groups)).to(device=like.device, dtype=like.dtype)
     fresh = new.state_dict()  # random: the K/V rows come from here (the global torch RNG, seeded by the run)
     C, hd = src.n_embd, src.head_dim
     per_group = src.n_kv_groups // kv_groups
@@ -56,7 +57,7 @@ def pool_kv_heads(model: GPT, kv_groups: int, method: str = "mean") -> GPT:
         t = t.reshape(kv_groups, per_group, hd, *t.shape[1:])  # (G, heads per group, hd, ...)
         if method == "first" or torch.equal(t, t[:, :1].expand_as(t)):  # repeated heads: exact, no rounding
             return t[:, 0].flatten(0, 1)
-        return t.mean(dim=1).flatten(0, 1)  # (G * hd, ...)
+        return t.float().mean(dim=1).to(t.dtype).flatten(0, 1)  # (G * hd, ...); fp32 sum, one rounding
 
     def convert(name: str, t: torch.Tensor) -> torch.Tensor:
         # Rows of q | k | v along dim 0; k and v are (G * hd) rows each, head-major.
