@@ -175,3 +175,8 @@ def test_evaluate_data_timeout_takes_one_number_or_a_pair(timeout, value):
     c = cfg("ckpt_path=x.ckpt", f"data.timeout={timeout}", name="evaluate")
     assert OmegaConf.to_container(c.data)["timeout"] == value and unknown_keys(c) == []
 
+
+def test_export_has_a_typed_schema():
+    c = cfg("overwrite=no", name="export")
+    assert OmegaConf.get_type(c).__name__ == "ExportConfig" and c.overwrite is False and unknown_keys(c) == []
+    assert cfg("overwrite=yes", name="export").overwrite is True

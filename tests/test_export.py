@@ -126,6 +126,15 @@ def test_gpt_bigcode_cannot_express_gqa():
         resolve_architecture(tiny(2).config, "gpt_bigcode")
 
 
+def test_gpt_bigcode_is_refused_for_mha_in_one_line(tmp_path):
+    # we write GPTBigCode as multi_query only: an MHA c_attn (3C, C) under multi_query=true loads nowhere
+    with pytest.raises(UserError) as e:
+        export_hf(tiny(4), tmp_path / "hf", encoding="bytes", architecture="gpt_bigcode")
+    assert str(e.value) == ("cannot export kv_groups=4 (of 4 heads) as gpt_bigcode: it is written with one KV head "
+                            "(multi_query, MQA only); use architecture=gpt2 (weights as they are, exact)")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_model_feature_hf_lacks_is_refused():
     @dataclass
     class RotaryConfig(GPTConfig):
@@ -219,3 +228,66 @@ def test_export_command_refuses_a_non_empty_folder_then_overwrites_when_asked(tm
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (tmp_path / "hf" / "notes.txt").exists()
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "gpt_bigcode"
+
+
+def export_cfg(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        return compose("export", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("no", ["no", "false", "'false'", "off"])
+def test_overwrite_no_keeps_a_non_empty_folder(no, tmp_path):
+    from gpt_lightning.export import export
+
+    ckpt = save_checkpoint(tiny(2), tmp_path / "m.ckpt")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    cfg = export_cfg(f"ckpt_path={ckpt}", f"out={tmp_path / 'hf'}", f"overwrite={no}")
+    assert cfg.overwrite is False
+    with pytest.raises(UserError, match="is not empty; pass overwrite=true"):
+        export(cfg)
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["notes.txt"]
+
+
+def test_export_refuses_a_bad_overwrite_value_or_a_misspelt_key():
+    from hydra.errors import ConfigCompositionException
+
+    from gpt_lightning.training.config_errors import one_line
+    from gpt_lightning.training.schema import unknown_keys
+
+    with pytest.raises(ConfigCompositionException) as e:
+        export_cfg("overwrite=maybe")
+    assert "overwrite" in one_line(e.value) and "\n" not in one_line(e.value)
+    with pytest.raises(ConfigCompositionException):
+        export_cfg("typo=1")
+    assert unknown_keys(export_cfg("+typo=1")) == ["typo"]
+
+
+def test_the_architecture_name_is_checked_before_the_checkpoint_is_read(tmp_path):
+    from gpt_lightning.export import export
+
+    with pytest.raises(UserError, match="architecture='bigcode' is not one of auto, gpt2, gpt_bigcode"):
+        export(export_cfg(f"ckpt_path={tmp_path / 'missing.ckpt'}", f"out={tmp_path / 'hf'}",
+                          "architecture=bigcode"))
+
+
+@pytest.mark.slow
+def test_export_command_reports_a_bad_key_in_one_line_with_status_2(tmp_path):
+    result = export_cli(tmp_path, "ckpt_path=m.ckpt", "out=hf", "typo=1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: Could not override 'typo': Key 'typo' not in 'ExportConfig'"]
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow
+def test_export_command_overwrite_no_keeps_the_folder(tmp_path):
+    ckpt = save_checkpoint(tiny(2), tmp_path / "m.ckpt")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    result = export_cli(tmp_path, f"ckpt_path={ckpt}", "out=hf", "overwrite=no")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: out={tmp_path / 'hf'} is not empty; pass overwrite=true "
+                                                  f"to replace it, or another folder"]
+    assert (tmp_path / "hf" / "notes.txt").read_text() == "mine"
