@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, TRAIN_ENV
 
 from gpt_lightning.common.errors import UserError
-from gpt_lightning.convert import export_hf, load_hf_gpt2
+from gpt_lightning.convert import export_hf, load_hf_gpt2, pool_kv_heads
 from gpt_lightning.model import GPT, GPTConfig
 from gpt_lightning.model.export import resolve_architecture, write_folder
 from gpt_lightning.training.checkpoints import init_state_from
@@ -133,6 +133,68 @@ def test_gpt_bigcode_is_refused_for_mha_in_one_line(tmp_path):
     assert str(e.value) == ("cannot export kv_groups=4 (of 4 heads) as gpt_bigcode: it is written with one KV head "
                             "(multi_query, MQA only); use architecture=gpt2 (weights as they are, exact)")
     assert not (tmp_path / "hf").exists()
+
+
+def matched_gqa() -> GPT:
+    """A GQA model with model.match_params=true's wider MLP (mlp_hidden != 4 * n_embd)."""
+    from gpt_lightning.training.model_config import matched_mlp_hidden
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=VOCAB, block_size=24, n_layer=2, n_head=4, n_kv_groups=2, n_embd=32,
+                       mlp_hidden=matched_mlp_hidden(32, 4, 2))
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_a_matched_params_gqa_export_loads_back_exactly(tmp_path):
+    model = matched_gqa()
+    assert model.config.hidden != 4 * model.config.n_embd
+    export_hf(model, tmp_path / "hf", encoding="bytes")
+    back = load_hf_gpt2(tmp_path / "hf").eval()
+    assert back.config == model.config and same_weights(back, model)
+    x = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+        torch.testing.assert_close(hf_logits(tmp_path / "hf", x)[1], model(x), atol=1e-5, rtol=1e-5)
+    state = init_state_from(f"hf:{tmp_path / 'hf'}", model.config, "bytes")  # init_from=hf:DIR
+    assert all(torch.equal(state[k], v) for k, v in back.state_dict().items())
+
+
+def fine_tune_one_kv_head(folder):
+    """What training the GPT-2 export in transformers does to it: the copies of a KV head drift apart (here layer
+    0's KV head 1 only; save_pretrained keeps config.json's gpt_lightning key)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    w = state["transformer.h.0.attn.c_attn.weight"]  # Conv1D (C, 3C): columns q | k | v, 4 heads of 8
+    w[:, 32 + 8: 32 + 16] += 0.01  # K head 1: its group's first head (head 0) stays as it was
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_a_gqa_export_trained_further_loads_as_mha_with_a_warning(tmp_path):
+    export_hf(tiny(2), tmp_path / "hf", encoding="bytes")
+    fine_tune_one_kv_head(tmp_path / "hf")
+    with pytest.warns(RuntimeWarning, match=rf"{tmp_path / 'hf'}: config.json records 2 KV heads .* loading it as "
+                                            rf"MHA with 4 KV heads, not averaged"):
+        back = load_hf_gpt2(tmp_path / "hf").eval()
+    assert back.config.n_kv_groups == 4
+    x = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():  # the folder's own function, not an average of it
+        torch.testing.assert_close(back(x), hf_logits(tmp_path / "hf", x)[1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_gqa_export_trained_further_is_pooled_when_kv_groups_is_asked(tmp_path, recwarn):
+    export_hf(tiny(2), tmp_path / "hf", encoding="bytes")
+    fine_tune_one_kv_head(tmp_path / "hf")
+    pooled = load_hf_gpt2(tmp_path / "hf", kv_groups=2)
+    assert pooled.config.n_kv_groups == 2 and not [w for w in recwarn if w.category is RuntimeWarning]
+    with pytest.warns(RuntimeWarning):
+        unpooled = load_hf_gpt2(tmp_path / "hf")
+    assert torch.equal(pooled.state_dict()["transformer.h.0.attn.c_attn.weight"],
+                       pool_kv_heads(unpooled, 2).state_dict()["transformer.h.0.attn.c_attn.weight"])
 
 
 def test_a_model_feature_hf_lacks_is_refused():
