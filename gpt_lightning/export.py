@@ -17,8 +17,11 @@ from gpt_lightning.common.cli import exits_on_user_error
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.data.hf_tokenizer import gpt2_tokenizer_files
 from gpt_lightning.data.tokens import get_encoding
-from gpt_lightning.model.export import HF_CLASS, check_out_dir, hf_files, resolve_architecture, write_folder
+from gpt_lightning.model.export import (HF_CLASS, check_architecture, check_out_dir, hf_files, resolve_architecture,
+                                        write_folder)
 from gpt_lightning.training.checkpoints import load_gpt
+from gpt_lightning.training.config_errors import one_line_config_errors
+from gpt_lightning.training.schema import check_known_keys
 
 
 def folder_readme(ckpt_path: str, config, arch: str, encoding: str) -> str:
@@ -38,10 +41,12 @@ def folder_readme(ckpt_path: str, config, arch: str, encoding: str) -> str:
 
 
 def export(cfg: DictConfig) -> Path:
+    check_known_keys(cfg)  # `+typo=1` composes past the schema (conf/export.yaml names export_schema)
     if not cfg.ckpt_path or not cfg.out:
         raise UserError("ckpt_path and out are required: python -m gpt_lightning.export ckpt_path=PATH out=DIR")
     out = Path(str(cfg.out)).expanduser().resolve()
-    check_out_dir(out, cfg.overwrite)  # before loading anything
+    check_architecture(cfg.architecture)  # before loading anything
+    check_out_dir(out, cfg.overwrite)
     model, hparams = load_gpt(cfg.ckpt_path)
     encoding = hparams.get("encoding", "gpt2")
     arch = resolve_architecture(model.config, cfg.architecture)
@@ -62,6 +67,7 @@ def export(cfg: DictConfig) -> Path:
     return out
 
 
+@one_line_config_errors
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     with exits_on_user_error():

@@ -69,7 +69,10 @@ def test_the_defaults_and_every_experiment_pass_the_checks():
     ("data.batch_size=0", "data.batch_size=0 must be >= 1"),
     ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
     ("data.retries=-1", "data.retries=-1 must be >= 0"),
-    ("data.timeout=[0,0]", "data.timeout=[0.0, 0.0] must be two positive numbers"),
+    ("data.timeout=[0,0]", "data.timeout=[0, 0] must be a number of seconds > 0 or a pair [connect, read]"),
+    ("data.timeout=[5]", "data.timeout=[5] must be a number of seconds > 0 or a pair [connect, read]"),
+    ("data.timeout=0", "data.timeout=0 must be a number of seconds > 0 or a pair [connect, read]"),
+    ("data.timeout=abc", "data.timeout='abc' must be a number of seconds > 0 or a pair [connect, read]"),
     ("data.block_size=32", "data.block_size=32 differs from model.block_size=64"),
     ("optim.lr=0", "optim.lr=0.0 must be > 0"),
     ("trainer.max_steps=0", "trainer.max_steps=0 must be >= 1"),
@@ -155,3 +158,25 @@ def test_bench_keeps_the_train_schema_and_adds_its_own():
         check_bench(cfg(*DEBUG, "bench.steps=0", name="bench").bench)
     with pytest.raises(UserError, match=r"bench.memory_repeats=0 must be >= 1"):
         check_bench(cfg(*DEBUG, "bench.memory_repeats=0", name="bench").bench)
+
+
+TIMEOUTS = [("30", 30), ("2.5", 2.5), ("[10,60]", [10, 60])]  # README: [connect, read] seconds, or one for both
+
+
+@pytest.mark.parametrize("timeout, value", TIMEOUTS)
+def test_train_data_timeout_takes_one_number_or_a_pair(timeout, value):
+    c = cfg(*DEBUG, f"data.timeout={timeout}")
+    check_config(c)
+    assert OmegaConf.to_container(c.data)["timeout"] == value
+
+
+@pytest.mark.parametrize("timeout, value", TIMEOUTS)
+def test_evaluate_data_timeout_takes_one_number_or_a_pair(timeout, value):
+    c = cfg("ckpt_path=x.ckpt", f"data.timeout={timeout}", name="evaluate")
+    assert OmegaConf.to_container(c.data)["timeout"] == value and unknown_keys(c) == []
+
+
+def test_export_has_a_typed_schema():
+    c = cfg("overwrite=no", name="export")
+    assert OmegaConf.get_type(c).__name__ == "ExportConfig" and c.overwrite is False and unknown_keys(c) == []
+    assert cfg("overwrite=yes", name="export").overwrite is True

@@ -87,6 +87,18 @@ def test_an_unknown_method_is_refused_before_any_work():
         pool_kv_heads(mha(), 3, method="median")  # 3 is no divisor either: the method is checked first
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["mean", "first", "random"])
+def test_pooling_keeps_the_sources_dtype(dtype, method):
+    model = mha().to(dtype)
+    pooled = pool_kv_heads(model, 2, method=method)
+    assert {p.dtype for p in pooled.parameters()} == {dtype}
+    if method == "mean":  # the mean is taken in fp32, then rounded once to the source's dtype
+        k = model.transformer.h[0].attn.c_attn.weight[32:48].float()
+        expected = ((k[:8] + k[8:16]) / 2).to(dtype)
+        assert torch.equal(pooled.transformer.h[0].attn.c_attn.weight[32:40], expected)
+
+
 def test_pooling_to_one_group_gives_mqa():
     pooled = pool_kv_heads(mha(), 1)
     assert pooled.config.n_kv_groups == 1 and pooled.new_cache(1).k[0].shape[1] == 1
@@ -159,3 +171,50 @@ def test_load_hf_gpt2_pooled_to_gqa(hf_gpt2_dir):
 def test_load_hf_gpt2_without_files_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         load_hf_gpt2(tmp_path)
+
+
+def copy_with_config(src, dst, **changes):
+    """The folder `src` with config.json keys changed (a GPT-2 saved with those settings)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, **changes}))
+    return dst
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("scale_attn_weights", False, "scale_attn_weights=false"),
+    ("scale_attn_by_inverse_layer_idx", True, "scale_attn_by_inverse_layer_idx=true"),
+    ("layer_norm_epsilon", 1e-6, "layer_norm_epsilon=1e-06; ours is PyTorch's LayerNorm default 1e-5"),
+    ("activation_function", "relu", "activation_function='relu'; ours is GELU"),
+])
+def test_load_hf_gpt2_refuses_a_key_that_changes_the_function(hf_gpt2_dir, tmp_path, key, value, message):
+    folder = copy_with_config(hf_gpt2_dir[0], tmp_path / "hf", **{key: value})
+    with pytest.raises(UserError) as e:
+        load_hf_gpt2(folder)
+    assert str(e.value).startswith(f"{folder}: {message}") and "\n" not in str(e.value)
+
+
+def test_load_hf_gpt2_takes_reorder_and_upcast_attn_it_is_the_same_function(hf_gpt2_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder = copy_with_config(hf_gpt2_dir[0], tmp_path / "hf", reorder_and_upcast_attn=True)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    assert hf.config.reorder_and_upcast_attn
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf_gpt2(folder).eval()(x), hf(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_load_hf_gpt2_takes_an_n_inner_mlp(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=300, n_positions=32, n_embd=48, n_layer=2, n_head=4, n_inner=136)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_hf_gpt2(tmp_path).eval()
+    assert ours.config.mlp_hidden == 136
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=1e-5)

@@ -36,20 +36,28 @@ EXPRESSIBLE = {"vocab_size", "block_size", "n_layer", "n_head", "n_kv_groups", "
 HF_CLASS = {"gpt2": "GPT2LMHeadModel", "gpt_bigcode": "GPTBigCodeForCausalLM"}
 
 
-def resolve_architecture(config: GPTConfig, architecture: str = "auto") -> str:
-    """`gpt2` or `gpt_bigcode` for this shape, or one line saying why Hugging Face cannot express it."""
+def check_architecture(architecture: str) -> None:
+    """Refuse an unknown architecture name in one line (before a checkpoint is loaded)."""
     if architecture not in ARCHITECTURES:
         raise UserError(f"architecture={architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+
+
+def resolve_architecture(config: GPTConfig, architecture: str = "auto") -> str:
+    """`gpt2` or `gpt_bigcode` for this shape, or one line saying why Hugging Face cannot express it."""
+    check_architecture(architecture)
     for f in fields(config):  # a feature GPT-2 lacks (say, another position scheme) cannot be exported silently
         if f.name not in EXPRESSIBLE and getattr(config, f.name) != f.default:
             raise UserError(f"cannot export: {f.name}={getattr(config, f.name)!r} has no Hugging Face GPT-2 "
                             f"equivalent; only the default ({f.default!r}) can be written")
     if architecture == "auto":
         return "gpt_bigcode" if config.n_kv_groups == 1 and config.n_head > 1 else "gpt2"
-    if architecture == "gpt_bigcode" and config.n_kv_groups not in (1, config.n_head):
+    # We write GPTBigCode with multi_query=true only: its fused c_attn is q | one k | one v. Its MHA form
+    # (multi_query=false) interleaves q, k, v per head, a different layout neither we nor this writer handle.
+    if architecture == "gpt_bigcode" and config.n_kv_groups != 1:
         raise UserError(f"cannot export kv_groups={config.n_kv_groups} (of {config.n_head} heads) as gpt_bigcode: "
-                        f"it has one KV head (multi_query) or one per query head; use architecture=gpt2 "
-                        f"(KV heads repeated, exact)")
+                        f"it is written with one KV head (multi_query, MQA only); use architecture=gpt2 "
+                        f"({'weights as they are' if config.n_kv_groups == config.n_head else 'KV heads repeated'},"
+                        f" exact)")
     return architecture
 
 
@@ -137,6 +145,8 @@ def hf_files(model: GPT, encoding: str, eot_token: int | None, architecture: str
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse, before any work, to write over a file or a non-empty folder unless overwrite is set."""
+    if not isinstance(overwrite, bool):  # the string "no" is truthy: it would delete the folder it should keep
+        raise UserError(f"overwrite={overwrite!r} must be true or false")
     if out.exists() and not out.is_dir():
         raise UserError(f"out={out} is a file; pass a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from gpt_lightning.common.device import resolve_precision, uses_cuda
 from gpt_lightning.common.errors import UserError
+from gpt_lightning.data.fetch import check_http
 from gpt_lightning.model import GPTConfig
 from gpt_lightning.training.memory_check import check_memory
 from gpt_lightning.training.model_config import gpt_config_from_cfg
@@ -46,10 +47,9 @@ def check_data(d, model_block_size: int) -> None:
     _at_least("data.retries", d.retries, 0)
     _at_least("data.backoff_factor", d.backoff_factor, 0)
     _at_least("data.pause", d.pause, 0)
-    timeout = list(d.timeout)
-    if len(timeout) != 2 or min(timeout) <= 0:
-        raise UserError(f"data.timeout={timeout} must be two positive numbers of seconds: [connect, read], "
-                        f"e.g. data.timeout=[10,60]")
+    # one number for both or [connect, read]: the schema types it Any, the fetcher's own rule checks it
+    check_http(OmegaConf.to_container(d.timeout) if OmegaConf.is_config(d.timeout) else d.timeout,
+               d.retries, d.backoff_factor, d.pause)
     if d.block_size != model_block_size:
         raise UserError(f"data.block_size={d.block_size} differs from model.block_size={model_block_size}: the "
                         f"windows are the model's context; drop data.block_size (it follows model.block_size) "

@@ -1,7 +1,7 @@
 """The types of every config key: Hydra structured configs (dataclasses in Hydra's ConfigStore).
 
 Each primary config names its schema first in its defaults list (`conf/config.yaml`: `train_schema`;
-`bench.yaml`: `bench_schema`; `evaluate.yaml`, `generate.yaml`: theirs), so Hydra itself refuses, before any work,
+`bench.yaml`: `bench_schema`; `evaluate.yaml`, `generate.yaml`, `export.yaml`: theirs), so Hydra itself refuses, before any work,
 a value of the wrong type (`optim.lr=abc`, `seed=abc`) and a key the schema does not have (`+foo=1`,
 `model.typo=1`, `+model.typo=1`). The values (the defaults) stay in the YAML files: a field here is `MISSING`
 unless the YAML may leave it out. Ranges and agreements between keys (batch_size >= 1, kv_groups divides
@@ -44,7 +44,8 @@ class DataConfig:  # conf/data/*.yaml -> gpt_lightning.data.MachadoDataModule(**
     batch_size: int = MISSING
     num_workers: int = MISSING
     seed: Optional[int] = MISSING
-    timeout: List[float] = MISSING      # [connect, read] seconds
+    timeout: Any = MISSING              # [connect, read] seconds, or one number for both (Any: a union of
+                                        # a number and a list is no OmegaConf type; check_data checks it)
     retries: int = MISSING
     backoff_factor: float = MISSING
     pause: float = MISSING
@@ -195,7 +196,7 @@ class EvaluateData:
     min_paragraph_chars: Optional[int] = None
     batch_size: Optional[int] = None
     num_workers: Optional[int] = None
-    timeout: Optional[List[float]] = None
+    timeout: Any = None                 # [connect, read] or one number (the datamodule checks it)
     retries: Optional[int] = None
     backoff_factor: Optional[float] = None
     pause: Optional[float] = None
@@ -220,6 +221,14 @@ class GenerateConfig:
     seed: Optional[int] = MISSING
     device: str = MISSING
     cuda_graph: bool = MISSING
+
+
+@dataclass
+class ExportConfig:  # conf/export.yaml
+    ckpt_path: Optional[str] = None
+    out: Optional[str] = None
+    overwrite: bool = MISSING           # a bool, so overwrite=no / 'false' is False (a string would be truthy)
+    architecture: str = MISSING         # auto | gpt2 | gpt_bigcode (model/export.py checks the name)
 
 
 OPEN = (TrainerConfig,)  # nodes that take keys the schema does not list (checked elsewhere: check_config)
@@ -270,6 +279,7 @@ def register() -> None:
     cs.store(name="bench_schema", node=_open(BenchConfig, "trainer"))
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="export_schema", node=ExportConfig)
 
 
 register()
