@@ -145,3 +145,17 @@ def test_kv_sweep_seeds_is_kv_sweep_on_three_seeds_with_seed_as_the_outer_loop()
     for group in ("model", "attention", "trainer", "optim", "data"):
         assert OmegaConf.to_container(seeds[group]) == OmegaConf.to_container(single[group]), group
     assert list(seeds.hydra.sweeper.params.items()) == [("seed", "1,2,3"), ("attention.kv_groups", "1,2,4,8")]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["seed=-1"], r"seed=-1 must be an integer in \[0, 2\*\*32 - 1\]"),
+    (["seed=4294967296"], "seed=4294967296 must be an integer"),
+    (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 must be > 0"),
+    (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 must be an integer >= 1"),
+])
+def test_values_lightning_would_only_trip_on_mid_run_are_refused_up_front(overrides, message):
+    # each was a traceback: seed_everything's ValueError, or a ZeroDivisionError once training ran
+    from gpt_lightning.training.config_checks import check_config
+
+    with pytest.raises(UserError, match=message):
+        check_config(cfg("trainer=cpu", *overrides))

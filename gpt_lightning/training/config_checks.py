@@ -88,6 +88,15 @@ def check_trainer(t: dict) -> None:
     if max_steps == -1 and (max_epochs is None or max_epochs == -1):
         raise UserError("trainer.max_steps=-1 with trainer.max_epochs=-1 never ends, and the learning-rate schedule "
                         "spans the run: set trainer.max_steps (e.g. 3000) or trainer.max_epochs")
+    # Lightning divides by these only once training runs (a ZeroDivisionError after the corpus was prepared)
+    accumulate = t.get("accumulate_grad_batches", 1)
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise UserError(f"trainer.accumulate_grad_batches={accumulate} must be an integer >= 1 (batches per "
+                        f"optimizer step)")
+    interval = t.get("val_check_interval")
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0):
+        raise UserError(f"trainer.val_check_interval={interval} must be > 0: an integer number of batches, a fraction "
+                        f"of an epoch (0.25), or null")
     precisions = lightning_precisions()
     if str(t.get("precision", "auto")) not in precisions:
         raise UserError(f"trainer.precision={t.get('precision')!r} is not a Lightning precision; use one of "
@@ -122,6 +131,9 @@ def check_config(cfg) -> GPTConfig:
     if missing:  # `???` in a preset, e.g. experiment=uptrain_gqa's init_from
         raise UserError(f"{', '.join(missing)} must be set (the config leaves {'them' if len(missing) > 1 else 'it'} "
                         f"as ???): add {' '.join(f'{k}=...' for k in missing)}")
+    seed = cfg.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+        raise UserError(f"seed={seed} must be an integer in [0, 2**32 - 1] (what numpy and Lightning seed with)")
     check_data(cfg.data, cfg.model.block_size)
     check_optim(cfg.optim)
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
