@@ -77,20 +77,21 @@ def train_record(trainer: L.Trainer, module: GPTLightningModule, metrics: dict, 
 def resume_command(run_dir: Path, trained_parent: str | None = None) -> str:
     """The command that continues this run: its own overrides, ckpt_path=last, its directory (a multirun's job
     resumes as a single run). `trained_parent`: the checkpoint of the parent that `uptrain.parent=train` trained
-    for this run; the resumed run takes it as init_from (with uptrain.parent=null), as the original did, instead of
-    training a new parent in its own directory."""
+    for this run; the resumed run is told it through the environment, as a sweep's later jobs are, so it reuses
+    that parent instead of training a new one in its own directory, and its config (`.hydra/config.yaml`, which
+    `compare` groups arms by) stays that of its arm."""
     hc = HydraConfig.get()
-    replaced = ("ckpt_path", "hydra.mode") + (("init_from", "uptrain.parent") if trained_parent else ())
-    keep = [o for o in hc.overrides.task if o.lstrip("+~").split("=", 1)[0] not in replaced]
-    parent = [f"init_from={override_value(trained_parent)}", "uptrain.parent=null"] if trained_parent else []
+    keep = [o for o in hc.overrides.task if o.lstrip("+~").split("=", 1)[0] not in ("ckpt_path", "hydra.mode")]
     single = ["hydra.mode=RUN"] if hc.mode == RunMode.MULTIRUN else []
-    return shlex.join(["python", "-m", "gpt_lightning.train", *keep, *parent, "ckpt_path=last",
-                       f"hydra.run.dir={override_value(str(run_dir))}", *single])
+    command = shlex.join(["python", "-m", "gpt_lightning.train", *keep, "ckpt_path=last",
+                          f"hydra.run.dir={override_value(str(run_dir))}", *single])
+    return f"{uptrain.PARENT_ENV}={shlex.quote(trained_parent)} {command}" if trained_parent else command
 
 
 def override_value(text: str) -> str:
     """`text` as a Hydra override value: quoted where Hydra's grammar would read it otherwise (`=`, spaces, ...)."""
-    if re.fullmatch(r"[\w./~+\-:@]*", text):
+    if re.fullmatch(r"[A-Za-z0-9_./+\-:@]*", text):  # plain ASCII paths as they are; anything
+        # else (accents, `~`, `=`, spaces, quotes) quoted, which Hydra always reads back as the same string
         return text
     return "'" + text.replace("'", "\\'") + "'"
 

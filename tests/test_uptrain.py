@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from gpt_lightning.common.errors import UserError
 from gpt_lightning.training import uptrain
@@ -126,6 +127,18 @@ def test_a_failed_parent_is_moved_aside_and_trained_again(home, monkeypatch):
     assert RunRecord.load(home / "parent.failed-1" / "summary.json").error == "boom"  # kept, not deleted
 
 
+def test_a_finished_parent_whose_checkpoint_is_gone_is_refused_not_retrained(home, monkeypatch):
+    calls = []
+    monkeypatch.setattr(uptrain.subprocess, "run", fake_parent_training(calls))
+    ckpt = Path(uptrain.train_parent(home, [], home))
+    ckpt.unlink()
+    monkeypatch.delenv(uptrain.PARENT_ENV)  # a later run of the study
+    with pytest.raises(UserError, match=r"finished .* but .*last.ckpt is missing: put it back, or move"):
+        uptrain.train_parent(home, [], home)
+    assert len(calls) == 1 and (home / "parent" / "summary.json").is_file()  # nothing moved, nothing trained
+    assert not (home / "parent.failed-1").exists()
+
+
 def test_a_finished_parent_is_reused(home, monkeypatch):
     calls = []
     monkeypatch.setattr(uptrain.subprocess, "run", fake_parent_training(calls))
@@ -164,23 +177,37 @@ def hydra_job():
     HydraConfig.instance().cfg = None
 
 
-def test_resuming_an_arm_of_the_study_with_parent_reuses_that_parent(hydra_job, tmp_path):
+def test_resuming_an_arm_of_the_study_with_parent_reuses_that_parent(hydra_job, tmp_path, monkeypatch):
     from gpt_lightning.train import resume_command
 
-    hydra_job("experiment=uptrain_study_with_parent", "uptrain.method=first", "uptrain.alpha=0.1")
-    parent = str(tmp_path / "sweep" / "parent" / "checkpoints" / "last.ckpt")
-    args = shlex.split(resume_command(tmp_path / "sweep" / "1_first_a0.1", trained_parent=parent))
+    arm = ("experiment=uptrain_study_with_parent", "uptrain.method=first", "uptrain.alpha=0.1")
+    hydra_job(*arm)
+    parent = str(tmp_path / "my sweep" / "parent" / "checkpoints" / "last.ckpt")
+    words = shlex.split(resume_command(tmp_path / "sweep" / "1_first_a0.1", trained_parent=parent))
+    assert words[0] == f"{uptrain.PARENT_ENV}={parent}"  # told through the environment, quoted for the shell
+    args = words[1:]
     assert args[-3:] == ["ckpt_path=last", f"hydra.run.dir={tmp_path / 'sweep' / '1_first_a0.1'}", "hydra.mode=RUN"]
     resumed = cfg(*(a for a in args[3:] if not a.startswith("hydra.")))
-    u = uptrain.check(resumed)
-    assert (u["parent"], resumed.init_from, u["method"], u["alpha"]) == (None, parent, "first", 0.1)
+    # The same config as the arm's first run (compare groups by it), but for ckpt_path
+    assert {**OmegaConf.to_container(resumed), "ckpt_path": None} == {**OmegaConf.to_container(cfg(*arm)),
+                                                                     "ckpt_path": None}
+    assert resumed.ckpt_path == "last"
+    # ... and that run takes the parent from the environment instead of training one in its own folder
+    monkeypatch.setenv(uptrain.PARENT_ENV, parent)
+    monkeypatch.setattr(uptrain.subprocess, "run", lambda *a, **k: pytest.fail("trained a new parent"))
+    assert uptrain.train_parent(tmp_path / "sweep" / "1_first_a0.1", args[3:], tmp_path) == parent
 
 
 def test_a_resume_command_quotes_a_path_hydra_would_misread(hydra_job, tmp_path):
-    from gpt_lightning.train import resume_command
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from gpt_lightning.train import override_value, resume_command
 
     hydra_job("experiment=uptrain_study_with_parent")
-    parent = str(tmp_path / "a=b" / "last.ckpt")
-    args = shlex.split(resume_command(tmp_path / "run", trained_parent=parent))
-    assert f"init_from='{parent}'" in args
-    assert cfg(*(a for a in args[3:] if not a.startswith("hydra."))).init_from == parent
+    parser = OverridesParser.create()
+    for name in ("a=b", "ação", "~home", "it's here", "plain-name_1.2+x@y:z"):
+        run_dir = tmp_path / name
+        args = shlex.split(resume_command(run_dir))
+        given = next(a for a in args if a.startswith("hydra.run.dir="))
+        assert parser.parse_override(given).value() == str(run_dir), name
+    assert override_value("outputs/runs/a-1.2") == "outputs/runs/a-1.2"  # plain paths stay readable

@@ -173,15 +173,18 @@ def parent_command(task_overrides: list[str], parent_dir: Path) -> list[str]:
 
 
 def parent_state(parent_dir: Path) -> str:
-    """complete (record says so and last.ckpt is there) | interrupted (last.ckpt, no record: a signal or a kill
-    stopped it) | failed (anything else left in the folder) | absent."""
+    """complete (record says so and last.ckpt is there) | checkpoint missing (the record says complete, last.ckpt is
+    gone: deleted by hand, or an unmounted disk) | interrupted (last.ckpt, no record: a signal or a kill stopped it)
+    | failed (anything else left in the folder) | absent."""
     record, ckpt = parent_dir / TRAIN_RECORD, parent_dir / "checkpoints" / "last.ckpt"
     if record.is_file():
         try:
             complete = RunRecord.load(record).status == "complete"
         except RecordError:
             complete = False
-        return "complete" if complete and ckpt.is_file() else "failed"
+        if complete:
+            return "complete" if ckpt.is_file() else "checkpoint missing"
+        return "failed"
     if ckpt.is_file():
         return "interrupted"
     return "failed" if parent_dir.exists() else "absent"
@@ -209,6 +212,10 @@ def train_parent(home: Path, task_overrides: list[str], launch_dir: Path) -> str
         raise UserError(_failed_parents[str(parent_dir)])
     with _locked(home / ".parent.lock"):
         state = parent_state(parent_dir)
+        if state == "checkpoint missing":  # the arms already trained from it: a new parent would split the study
+            raise UserError(f"the MHA parent in {parent_dir} finished ({TRAIN_RECORD} says complete) but {ckpt} is "
+                            f"missing: put it back, or move {parent_dir} aside to train a new parent (the study's "
+                            f"arms trained from the old one then no longer share a parent with new ones)")
         if state == "complete":
             log.info("using the MHA parent trained earlier in this sweep: %s", ckpt)
         else:
