@@ -57,6 +57,24 @@ def test_fused_lm_head_loss_equals_cross_entropy_on_cuda():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_16_bit_weight_gradient_takes_fp32_output_gemms_on_cuda(dtype):
+    from gpt_lightning.model.loss import fp32_product_available, lm_head_loss
+
+    torch.manual_seed(0)
+    h = torch.randn(2048, 64, device="cuda", requires_grad=True)
+    w = (torch.randn(4096, 64, device="cuda") * 0.1).requires_grad_()
+    t = torch.randint(0, 50, (2048,), device="cuda")  # rare rows get only the softmax's small share
+    assert fp32_product_available(h.to(dtype))  # aten::mm.dtype: tensor cores, fp32 out (not fp32 GEMMs)
+    with torch.autocast("cuda", dtype=dtype):
+        loss = lm_head_loss(h, w, t, 4096, chunk_rows=128)  # 16 chunks, each summed in fp32
+    g = torch.autograd.grad(loss, w)[0]
+    exact = torch.autograd.grad(torch.nn.functional.cross_entropy(h.double() @ w.double().t(), t), w)[0]
+    assert (g[50:] != 0).all()
+    rel = ((g.double() - exact).norm() / exact.norm()).item()
+    assert rel < 2e-2, rel  # the inputs' 16-bit rounding, not a sum of 16 rounded products
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gqa_training_never_takes_a_slower_sdpa_backend_than_mha(dtype):
     from gpt_lightning.model.attention import BACKEND_RANK, sdpa_backend
@@ -103,6 +121,11 @@ def test_cuda_graph_decode_equals_the_eager_step(kv, batch, dtype):
             tokens = want.float().argmax(-1)
     assert step.graphed and sorted(step.graphs) == [64, 128, 200]  # replayed from three graphs, no fallback
     assert graphed.length == eager.length == 200
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not step.graphed  # under deterministic algorithms steps run eagerly: it must not say it replays
+    finally:
+        torch.use_deterministic_algorithms(False)
     assert all(k.shape == (batch, kv, 200, 16) for k in graphed.k + graphed.v)
 
 

@@ -118,8 +118,8 @@ class GraphedDecoder:
 
     @property
     def graphed(self) -> bool:
-        """Steps replay graphs (on a GPU, and no capture has failed)."""
-        return self.use_graph and not self.failed
+        """Steps replay graphs (on a GPU, deterministic algorithms off, and no capture has failed)."""
+        return self.use_graph and not self.failed and not torch.are_deterministic_algorithms_enabled()
 
     def _step(self, view: KVCache) -> torch.Tensor:
         return self.model.static_next_logits(self.tokens, self.pos, view)

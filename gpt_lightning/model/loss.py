@@ -165,6 +165,11 @@ def add_weight_gradient_in_blocks(grad_w: torch.Tensor, grad_logits: torch.Tenso
     """
     V = grad_w.size(0)
     rows = weight_gradient_block_rows(V)
+    if fp32_product_available(grad_logits):  # CUDA bf16/fp16: tensor-core GEMMs that write fp32
+        for a in range(0, V, rows):
+            grad_w[a:a + rows].add_(torch.mm(grad_logits[:, a:a + rows].t(), hidden, out_dtype=torch.float32),
+                                    alpha=scale)  # (Vb, C) fp32, accumulated in fp32: nothing rounds to 16 bits
+        return
     # fp16: products in fp32. The summed loss's product overflows fp16's 65504 at large chunks (8192 rows of
     # |hidden| ~ 10), and with the mean's 1/N inside the GEMM the rare tokens' rows underflow instead.
     wide = grad_logits.dtype == torch.float16
@@ -173,6 +178,26 @@ def add_weight_gradient_in_blocks(grad_w: torch.Tensor, grad_logits: torch.Tenso
         block = grad_logits[:, a:a + rows].t()  # (Vb, n)
         block = block.float() if wide else block.contiguous() if transpose_copy else block
         grad_w[a:a + rows].add_(cpu_matmul.mm(block, hidden), alpha=scale)  # (Vb, C)
+
+
+_fp32_product: dict[tuple, bool] = {}  # (device type, dtype) -> whether torch.mm(..., out_dtype=fp32) ran there
+
+
+def fp32_product_available(t: torch.Tensor) -> bool:
+    """Whether `torch.mm(a, b, out_dtype=torch.float32)` (aten::mm.dtype) has a kernel for this 16-bit tensor's
+    device: CUDA's (cuBLAS, fp32 accumulate and output); the CPU has none (torch 2.13), nor does fp32 need it.
+    Tried once per (device type, dtype) on a tiny product; a build without it takes the blocked path above, which
+    on CUDA would run fp16 as fp32 GEMMs (no tensor cores) and bf16 as rounded products (not measured on a GPU)."""
+    if t.dtype not in (torch.bfloat16, torch.float16) or t.device.type != "cuda":
+        return False
+    key = (t.device.type, t.dtype)
+    if key not in _fp32_product:
+        try:
+            probe = torch.ones(2, 2, dtype=t.dtype, device=t.device)
+            _fp32_product[key] = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _fp32_product[key] = False
+    return _fp32_product[key]
 
 
 class NextTokenLoss(torch.autograd.Function):
