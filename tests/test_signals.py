@@ -66,19 +66,48 @@ def test_a_first_signal_inside_a_step_asks_lightning_to_stop_at_the_boundary(sig
     assert f"{name} received: finishing this step, then saving last.ckpt" in capfd.readouterr().err
 
 
+class SignalsItself:
+    """A dataset whose items are fetched while Ctrl-C reaches the worker process too (the whole process group)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        return i
+
+
 def test_a_signal_to_a_forked_dataloader_worker_does_not_count_in_the_parent():
+    from torch.utils.data import DataLoader
+
     with SignalGuard(fake_trainer(), None, "resume") as guard:
+        in_training_loop(guard)
+        # The worker must not die of it (the parent would fail on the lost worker) nor count it in the parent
+        loader = DataLoader(SignalsItself(), batch_size=1, num_workers=1, multiprocessing_context="fork")
+        assert [int(b) for b in loader] == [0, 1, 2, 3]
+        time.sleep(0.3)
+        assert guard.count == 0 and not guard.trainer._signal_connector.received_sigterm
+
+
+def test_a_rank_forked_by_ddp_fork_stops_its_own_loop_and_the_parent_does_not_count_it():
+    read, write = os.pipe()
+    with SignalGuard(fake_trainer(), None, "resume") as guard:
+        in_training_loop(guard)
         pid = os.fork()
-        if pid == 0:  # a DataLoader worker gets Ctrl-C too: the whole process group does
+        if pid == 0:  # a training rank (not a DataLoader worker): it handles its signals as its own guard
             try:
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.2)
-            except BaseException:  # the worker must not die of it (its parent would fail on the lost worker)
-                os._exit(3)
-            os._exit(0)
+                os.kill(os.getpid(), signal.SIGTERM)
+                ok = wait_for(lambda: guard.trainer._signal_connector.received_sigterm and guard.count == 1)
+                os.write(write, b"1" if ok else b"0")
+            finally:
+                os._exit(0)
         _, status = os.waitpid(pid, 0)
         time.sleep(0.3)
-        assert guard.count == 0 and os.waitstatus_to_exitcode(status) == 0
+        assert os.read(read, 1) == b"1" and os.waitstatus_to_exitcode(status) == 0
+        assert guard.count == 0 and not guard.trainer._signal_connector.received_sigterm
+    os.close(read)
+    os.close(write)
 
 
 def test_a_first_signal_outside_lightnings_loops_stops_there():

@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import get_worker_info
 
 from gpt_lightning.training.checkpoint_io import AtomicCheckpointIO
 
@@ -79,7 +80,6 @@ class SignalGuard:
         self.first: int | None = None
         self.count = 0
         self.in_loop = False  # set by LoopWatch: a Lightning loop polls the stop flag
-        self.in_child = False  # a forked child (a DataLoader worker) of the guarded process
         self.raised_outside = False  # stopped by raising SIGTERMException outside Lightning's loops
         self.watch = LoopWatch(self)
         self._lock = threading.Lock()
@@ -141,7 +141,7 @@ class SignalGuard:
 
     def _handle(self, signum, frame) -> None:
         """Python-level handler (main thread, between bytecodes): ask Lightning to stop after this step."""
-        if self.in_child:  # a DataLoader worker: the parent acts; raising here would kill the worker under it
+        if get_worker_info() is not None:  # a DataLoader worker: the parent acts; raising would kill the worker
             return
         if self._watchdog is None:
             self._count(signum)
@@ -188,12 +188,13 @@ class SignalGuard:
 
 
 def _forget_in_child() -> None:
-    """A forked child (a DataLoader worker) inherits the wakeup fd: its signals (Ctrl-C reaches the whole process
-    group) would reach the parent's watchdog and count as a second signal. The child keeps the handler, which
-    ignores them there (the parent stops the run and its workers)."""
-    if _active is not None:
-        _active.in_child = True
+    """A forked child inherits the wakeup fd, whose reader (the watchdog thread) stays in the parent: its signals
+    (Ctrl-C reaches the whole process group) would count there as a second signal. The child keeps the handler and
+    counts in it: a DataLoader worker ignores them (the parent stops the run and its workers); a rank that
+    `strategy=ddp_fork` forked stops its own training loop, as a rank started by the `ddp` strategy would."""
     if _active is not None and _active._watchdog is not None:
+        _active._watchdog = None  # the thread is the parent's: this process counts in its Python handler
+        _active._lock = threading.Lock()  # the parent's watchdog may have held it at the fork
         try:
             signal.set_wakeup_fd(-1)
         except ValueError:  # forked from a thread other than the main one
