@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from gpt_lightning.common.cli import exits_on_user_error
 from gpt_lightning.common.device import keep_freed_memory, pick_device
 from gpt_lightning.common.errors import UserError
+from gpt_lightning.data.fetch import check_http
 from gpt_lightning.measure.decode_grid import format_grid
 from gpt_lightning.measure.evaluation import evaluate_checkpoint
 from gpt_lightning.training.config_errors import one_line_config_errors
@@ -34,6 +35,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict, Path]:
     if d.grid_new_tokens < 1 or d.memory_budget_gb <= 0:
         raise UserError(f"decode.grid_new_tokens={d.grid_new_tokens} must be >= 1 and "
                         f"decode.memory_budget_gb={d.memory_budget_gb} > 0")
+    # data.* HTTP settings given here (null: the checkpoint's): checked before the checkpoint is loaded
+    http = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+            for k, v in cfg.data.items() if k in ("timeout", "retries", "backoff_factor", "pause") and v is not None}
+    check_http(http.get("timeout", 1), http.get("retries", 0), http.get("backoff_factor", 0), http.get("pause", 0))
     record = evaluate_checkpoint(cfg.ckpt_path, pick_device(cfg.device), OmegaConf.to_container(cfg.data),
                                  d.prompt_tokens, d.new_tokens, list(d.batch_sizes), d.repeats, contexts=contexts,
                                  grid_new_tokens=d.grid_new_tokens, memory_budget_gb=d.memory_budget_gb,

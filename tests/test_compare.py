@@ -477,6 +477,15 @@ def test_outputs_of_an_earlier_compare_that_this_one_did_not_produce_are_removed
     assert not list(grid_sweep.glob(".compare-*"))
 
 
+def test_a_file_of_a_compare_name_that_compare_did_not_write_is_left_alone(sweep):
+    # bench writes largest_batch_vs_kv_groups.png into its own run folder; a compare there must not delete it
+    (sweep / "largest_batch_vs_kv_groups.png").write_bytes(b"bench's")
+    compare(sweep)  # no decode grid in this sweep: compare draws no grid plot
+    compare(sweep)
+    assert (sweep / "largest_batch_vs_kv_groups.png").read_bytes() == b"bench's"
+    assert "comparison.md" in (sweep / ".compared-files").read_text().split()
+
+
 def test_a_png_write_that_fails_keeps_the_previous_file(tmp_path, monkeypatch):
     import matplotlib.figure
 

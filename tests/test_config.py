@@ -159,3 +159,17 @@ def test_values_lightning_would_only_trip_on_mid_run_are_refused_up_front(overri
 
     with pytest.raises(UserError, match=message):
         check_config(cfg("trainer=cpu", *overrides))
+
+
+@pytest.mark.parametrize("interval", ["'00:00:10:00'", "{minutes:10}", "0.25", "50"])
+def test_a_time_based_val_check_interval_is_left_to_lightning(interval):
+    # Lightning takes "DD:HH:MM:SS" and a dict of timedelta's keys too; the up-front check must not refuse them
+    import lightning as L
+
+    from gpt_lightning.training.config_checks import check_config
+
+    c = cfg("trainer=cpu", f"trainer.val_check_interval={interval}")
+    check_config(c)
+    value = c.trainer.val_check_interval
+    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              val_check_interval=dict(value) if not isinstance(value, (int, float, str)) else value)

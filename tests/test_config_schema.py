@@ -180,3 +180,19 @@ def test_export_has_a_typed_schema():
     c = cfg("overwrite=no", name="export")
     assert OmegaConf.get_type(c).__name__ == "ExportConfig" and c.overwrite is False and unknown_keys(c) == []
     assert cfg("overwrite=yes", name="export").overwrite is True
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.timeout=0", "data.timeout=0 must be a number of seconds > 0"),
+    ("data.retries=-1", "data.retries=-1 must be a whole number >= 0"),
+    ("data.pause=-2", r"data.pause=-2(\.0)? must be a number of seconds >= 0"),
+])
+def test_evaluate_refuses_bad_http_settings_before_reading_the_checkpoint(override, message, tmp_path, monkeypatch):
+    from gpt_lightning import evaluate as evaluate_cli
+
+    monkeypatch.setattr(evaluate_cli, "evaluate_checkpoint", lambda *a, **k: pytest.fail("loaded the checkpoint"))
+    with pytest.raises(UserError, match=message):
+        evaluate_cli.evaluate(cfg(f"ckpt_path={tmp_path / 'x.ckpt'}", override, name="evaluate"))
+    for ok in TIMEOUTS:  # a good value goes on to the checkpoint
+        with pytest.raises(pytest.fail.Exception, match="loaded the checkpoint"):
+            evaluate_cli.evaluate(cfg(f"ckpt_path={tmp_path / 'x.ckpt'}", f"data.timeout={ok[0]}", name="evaluate"))

@@ -37,7 +37,11 @@ STAT_COLUMNS = ["n", "mean", "std", "ci_low", "ci_high", "diff", "diff_ci_low", 
 POWER, ALPHA = 0.8, 0.05
 GRID_PLOTS = ("decode_grid_vs_kv_groups.png", "largest_batch_vs_kv_groups.png")
 TEXTS = ("decode_grid.csv", "comparison.csv", "runs.csv", "comparison.md", "report.md")
-OUTPUTS = (*TEXTS, *plots.NAMES, *GRID_PLOTS)  # every file compare writes: the only ones it ever removes
+OUTPUTS = (*TEXTS, *plots.NAMES, *GRID_PLOTS)  # every file compare writes
+# What the last compare into a folder wrote (one name a line): the only files a later one removes when it does not
+# write them again. A file of the same name that compare did not write (bench's largest_batch_vs_kv_groups.png in a
+# bench run's folder, say) is not compare's to delete.
+MANIFEST = ".compared-files"
 
 
 @dataclass
@@ -54,6 +58,15 @@ class Comparison:
     grid: list[dict] = field(default_factory=list)         # the decode grid per arm and cell (analysis.decode_by_arm)
     grid_notes: list[str] = field(default_factory=list)    # evaluate records that could not be read
     ungrouped: list[dict] = field(default_factory=list)    # runs without a config among runs with one: in no arm
+
+
+def previously_written(out: Path) -> set[str]:
+    """The outputs the last compare into `out` wrote (its MANIFEST), limited to names compare writes."""
+    try:
+        listed = (out / MANIFEST).read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError):
+        return set()
+    return set(listed) & set(OUTPUTS)
 
 
 # ------------------------------------------------------------------------------------------------ formatting
@@ -394,9 +407,9 @@ def compare(root: Path, out: Path | None = None, baseline: str | None = None) ->
             if text is not None:
                 atomic_write_text(out / name, text)
         written = {*c.images, *(n for n, t in texts.items() if t is not None)}
-        for name in OUTPUTS:
-            if name not in written:
-                (out / name).unlink(missing_ok=True)
+        for name in previously_written(out) - written:
+            (out / name).unlink(missing_ok=True)
+        atomic_write_text(out / MANIFEST, "".join(f"{n}\n" for n in sorted(written)))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return c

@@ -94,9 +94,11 @@ def check_trainer(t: dict) -> None:
         raise UserError(f"trainer.accumulate_grad_batches={accumulate} must be an integer >= 1 (batches per "
                         f"optimizer step)")
     interval = t.get("val_check_interval")
-    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0):
+    # A time-based interval ("DD:HH:MM:SS", or a dict of timedelta's keys) is Lightning's to parse (build_trainer)
+    if interval is not None and not isinstance(interval, (str, dict)) and (
+            isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0):
         raise UserError(f"trainer.val_check_interval={interval} must be > 0: an integer number of batches, a fraction "
-                        f"of an epoch (0.25), or null")
+                        f"of an epoch (0.25), a duration ('00:00:10:00', DD:HH:MM:SS), or null")
     precisions = lightning_precisions()
     if str(t.get("precision", "auto")) not in precisions:
         raise UserError(f"trainer.precision={t.get('precision')!r} is not a Lightning precision; use one of "

@@ -91,7 +91,7 @@ class TrainerConfig:  # conf/trainer/*.yaml -> lightning.Trainer(**trainer)
     precision: Any = MISSING            # "auto", "bf16-mixed", 32, ...
     max_steps: int = MISSING
     max_epochs: Optional[int] = MISSING
-    val_check_interval: Any = MISSING   # steps (int) or a fraction of an epoch (float)
+    val_check_interval: Any = MISSING   # steps (int), a fraction of an epoch (float), or a duration (str, dict)
     check_val_every_n_epoch: Optional[int] = MISSING
     limit_val_batches: Any = MISSING    # batches (int) or a fraction (float)
     limit_test_batches: Any = MISSING
