@@ -85,7 +85,8 @@ def resume_command(run_dir: Path, trained_parent: str | None = None) -> str:
     single = ["hydra.mode=RUN"] if hc.mode == RunMode.MULTIRUN else []
     command = shlex.join(["python", "-m", "gpt_lightning.train", *keep, "ckpt_path=last",
                           f"hydra.run.dir={override_value(str(run_dir))}", *single])
-    return f"{uptrain.PARENT_ENV}={shlex.quote(trained_parent)} {command}" if trained_parent else command
+    # `env VAR=value python ...`: one argument list, as any shell (or srun, or subprocess) runs it
+    return f"env {shlex.quote(f'{uptrain.PARENT_ENV}={trained_parent}')} {command}" if trained_parent else command
 
 
 def override_value(text: str) -> str:
@@ -126,10 +127,18 @@ def build_trainer(trainer_args: dict, **objects) -> L.Trainer:
                         f"fix that trainer.* value") from None
 
 
-def study_home(run_dir: Path) -> Path:
-    """Where `uptrain.parent=train` puts the parent: the sweep directory (shared by its jobs), else the run's."""
+def study_home(run_dir: Path, resuming: bool = False) -> Path:
+    """Where `uptrain.parent=train` puts the parent: the sweep directory (shared by its jobs), else the run's. A
+    sweep's job resumed as a single run (`resuming`, no parent of its own) without the resume command's
+    GPT_LIGHTNING_UPTRAIN_PARENT still finds its sweep's trained parent beside it, instead of training another."""
     hc = HydraConfig.get()
-    return Path(hc.sweep.dir).resolve() if hc.mode == RunMode.MULTIRUN else run_dir
+    if hc.mode == RunMode.MULTIRUN:
+        return Path(hc.sweep.dir).resolve()
+    beside = run_dir.parent
+    if (resuming and not (run_dir / uptrain.PARENT_DIR).exists()
+            and uptrain.parent_state(beside / uptrain.PARENT_DIR) == "complete"):
+        return beside
+    return run_dir
 
 
 def train(cfg: DictConfig) -> dict:
@@ -143,7 +152,8 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, run_dir, launch_dir / "outputs")
     init_from = cfg.init_from
     if up["parent"] == "train":
-        init_from = uptrain.train_parent(study_home(run_dir), list(HydraConfig.get().overrides.task), launch_dir)
+        init_from = uptrain.train_parent(study_home(run_dir, resuming=ckpt_path is not None),
+                                         list(HydraConfig.get().overrides.task), launch_dir)
     plan = uptrain.plan(up, init_from)
 
     datamodule = instantiate(cfg.data, _convert_="all")  # plain lists: checkpoints load with weights_only

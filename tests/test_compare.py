@@ -486,6 +486,17 @@ def test_a_file_of_a_compare_name_that_compare_did_not_write_is_left_alone(sweep
     assert "comparison.md" in (sweep / ".compared-files").read_text().split()
 
 
+def test_a_folder_compared_before_the_manifest_loses_its_stale_texts_but_not_grid_plots(grid_sweep):
+    compare(grid_sweep)
+    (grid_sweep / ".compared-files").unlink()  # as an older compare left it
+    for record in grid_sweep.glob("*/checkpoints/*.eval.json"):
+        record.unlink()
+    compare(grid_sweep)
+    assert not (grid_sweep / "decode_grid.csv").exists()  # stale: this compare has no grid
+    assert (grid_sweep / "largest_batch_vs_kv_groups.png").is_file()  # could be bench's: kept
+    assert "decode_grid.csv" not in (grid_sweep / ".compared-files").read_text().split()
+
+
 def test_a_png_write_that_fails_keeps_the_previous_file(tmp_path, monkeypatch):
     import matplotlib.figure
 

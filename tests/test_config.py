@@ -152,6 +152,11 @@ def test_kv_sweep_seeds_is_kv_sweep_on_three_seeds_with_seed_as_the_outer_loop()
     (["seed=4294967296"], "seed=4294967296 must be an integer"),
     (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 must be > 0"),
     (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 must be an integer >= 1"),
+    (["trainer.val_check_interval='00:00:00:00'"], r"trainer.val_check_interval='00:00:00:00' is 0 s: a duration "
+                                                   r"must be > 0"),
+    (["trainer.val_check_interval={minutes:-5}"], r"trainer.val_check_interval=\{'minutes': -5\} is -300 s"),
+    (["trainer.val_check_interval=abc"], r"trainer.val_check_interval='abc' is not a duration \(Invalid time format"),
+    (["trainer.val_check_interval={weeks:1,fortnights:2}"], r"is not a duration \(.*fortnights"),
 ])
 def test_values_lightning_would_only_trip_on_mid_run_are_refused_up_front(overrides, message):
     # each was a traceback: seed_everything's ValueError, or a ZeroDivisionError once training ran

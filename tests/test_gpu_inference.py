@@ -73,6 +73,14 @@ def test_the_16_bit_weight_gradient_takes_fp32_output_gemms_on_cuda(dtype):
     assert (g[50:] != 0).all()
     rel = ((g.double() - exact).norm() / exact.norm()).item()
     assert rel < 2e-2, rel  # the inputs' 16-bit rounding, not a sum of 16 rounded products
+    # The blocks' products themselves: fp32 sums of the 16-bit inputs (a 16-bit product would be off by ~2e-3)
+    from gpt_lightning.model.loss import add_weight_gradient_in_blocks
+
+    g16, h16 = torch.randn(512, 4096, device="cuda").to(dtype), torch.randn(512, 64, device="cuda").to(dtype)
+    grad_w = torch.zeros(4096, 64, device="cuda")
+    add_weight_gradient_in_blocks(grad_w, g16, h16, 0.5)
+    want = 0.5 * g16.double().t() @ h16.double()  # fp64: no TF32, whatever the matmul precision setting
+    torch.testing.assert_close(grad_w.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

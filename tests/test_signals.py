@@ -97,6 +97,7 @@ def test_a_rank_forked_by_ddp_fork_stops_its_own_loop_and_the_parent_does_not_co
         pid = os.fork()
         if pid == 0:  # a training rank (not a DataLoader worker): it handles its signals as its own guard
             try:
+                guard.watch.on_train_start(guard.trainer, None)  # its own fit loop starts
                 os.kill(os.getpid(), signal.SIGTERM)
                 ok = wait_for(lambda: guard.trainer._signal_connector.received_sigterm and guard.count == 1)
                 os.write(write, b"1" if ok else b"0")

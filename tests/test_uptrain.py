@@ -184,8 +184,8 @@ def test_resuming_an_arm_of_the_study_with_parent_reuses_that_parent(hydra_job, 
     hydra_job(*arm)
     parent = str(tmp_path / "my sweep" / "parent" / "checkpoints" / "last.ckpt")
     words = shlex.split(resume_command(tmp_path / "sweep" / "1_first_a0.1", trained_parent=parent))
-    assert words[0] == f"{uptrain.PARENT_ENV}={parent}"  # told through the environment, quoted for the shell
-    args = words[1:]
+    assert words[:2] == ["env", f"{uptrain.PARENT_ENV}={parent}"]  # told through the environment, in any shell
+    args = words[2:]
     assert args[-3:] == ["ckpt_path=last", f"hydra.run.dir={tmp_path / 'sweep' / '1_first_a0.1'}", "hydra.mode=RUN"]
     resumed = cfg(*(a for a in args[3:] if not a.startswith("hydra.")))
     # The same config as the arm's first run (compare groups by it), but for ckpt_path
@@ -196,6 +196,22 @@ def test_resuming_an_arm_of_the_study_with_parent_reuses_that_parent(hydra_job, 
     monkeypatch.setenv(uptrain.PARENT_ENV, parent)
     monkeypatch.setattr(uptrain.subprocess, "run", lambda *a, **k: pytest.fail("trained a new parent"))
     assert uptrain.train_parent(tmp_path / "sweep" / "1_first_a0.1", args[3:], tmp_path) == parent
+
+
+def test_a_sweep_job_resumed_without_the_parent_variable_finds_its_sweeps_parent(hydra_job, tmp_path):
+    from gpt_lightning.train import study_home
+
+    hydra_job("experiment=uptrain_study_with_parent", "uptrain.method=first", "uptrain.alpha=0.1", "hydra.mode=RUN")
+    sweep, arm = tmp_path / "sweep", tmp_path / "sweep" / "1_first_a0.1"
+    arm.mkdir(parents=True)
+    assert study_home(arm, resuming=True) == arm  # no trained parent beside it: the run's own folder
+    (sweep / "parent" / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 200}, sweep / "parent" / "checkpoints" / "last.ckpt")
+    RunRecord(kind="train", status="complete").save(sweep / "parent" / "summary.json")
+    assert study_home(arm, resuming=True) == sweep  # the resumed job reuses the sweep's parent
+    assert study_home(arm, resuming=False) == arm  # a fresh single run trains its own
+    (arm / "parent").mkdir()
+    assert study_home(arm, resuming=True) == arm  # a single run that trained its own parent keeps it
 
 
 def test_a_resume_command_quotes_a_path_hydra_would_misread(hydra_job, tmp_path):

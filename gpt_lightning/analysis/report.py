@@ -61,9 +61,13 @@ class Comparison:
 
 
 def previously_written(out: Path) -> set[str]:
-    """The outputs the last compare into `out` wrote (its MANIFEST), limited to names compare writes."""
+    """The outputs the last compare into `out` wrote (its MANIFEST), limited to names compare writes. A folder a
+    compare from before the manifest wrote (a report.md, no manifest): all of compare's names but the grid plots,
+    which bench writes too."""
     try:
         listed = (out / MANIFEST).read_text(encoding="utf-8").split("\n")
+    except FileNotFoundError:
+        return set(OUTPUTS) - set(GRID_PLOTS) if (out / "report.md").is_file() else set()
     except (OSError, UnicodeDecodeError):
         return set()
     return set(listed) & set(OUTPUTS)

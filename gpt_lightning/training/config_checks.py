@@ -94,9 +94,10 @@ def check_trainer(t: dict) -> None:
         raise UserError(f"trainer.accumulate_grad_batches={accumulate} must be an integer >= 1 (batches per "
                         f"optimizer step)")
     interval = t.get("val_check_interval")
-    # A time-based interval ("DD:HH:MM:SS", or a dict of timedelta's keys) is Lightning's to parse (build_trainer)
-    if interval is not None and not isinstance(interval, (str, dict)) and (
-            isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0):
+    if isinstance(interval, (str, dict)):  # a wall-clock interval: "DD:HH:MM:SS", or a dict of timedelta's keys
+        check_duration("trainer.val_check_interval", interval)
+    elif interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float))
+                                   or interval <= 0):
         raise UserError(f"trainer.val_check_interval={interval} must be > 0: an integer number of batches, a fraction "
                         f"of an epoch (0.25), a duration ('00:00:10:00', DD:HH:MM:SS), or null")
     precisions = lightning_precisions()
@@ -160,3 +161,20 @@ def check_bench(b) -> None:
     if not b.decode_batch_sizes or min(b.decode_batch_sizes) < 1:
         raise UserError(f"bench.decode_batch_sizes={list(b.decode_batch_sizes)} must be a non-empty list of "
                         f"batch sizes >= 1")
+
+
+def check_duration(name: str, value) -> float:
+    """Seconds of a Lightning time interval ("DD:HH:MM:SS", or a dict of `datetime.timedelta`'s keys), parsed as
+    Lightning will parse it; an unparsable one, or one of 0 s or less (validation after every step), is one line."""
+    from lightning.pytorch.trainer.setup import _parse_time_interval_seconds  # Lightning's own parser (private)
+
+    shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    try:
+        seconds = _parse_time_interval_seconds(dict(value) if not isinstance(value, str) else value)
+    except Exception as e:  # MisconfigurationException, or timedelta's TypeError on an unknown key
+        reason = " ".join(str(e).split()).rstrip(".")
+        raise UserError(f"{name}={shown!r} is not a duration ({reason}): use 'DD:HH:MM:SS' ('00:00:10:00' for "
+                        f"10 minutes) or a dict of timedelta keys ({{minutes:10}})") from None
+    if seconds <= 0:
+        raise UserError(f"{name}={shown!r} is {seconds:g} s: a duration must be > 0 (e.g. '00:00:10:00')")
+    return seconds

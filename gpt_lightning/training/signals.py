@@ -59,6 +59,7 @@ class LoopWatch(L.Callback):
 
     def _start(self, trainer, pl_module) -> None:
         self.guard.in_loop = True
+        self.guard.in_child = False  # a loop runs in this process: a training rank (ddp_fork's), not a worker
 
     def _end(self, trainer, pl_module, *exception) -> None:
         self.guard.in_loop = False
@@ -80,6 +81,7 @@ class SignalGuard:
         self.first: int | None = None
         self.count = 0
         self.in_loop = False  # set by LoopWatch: a Lightning loop polls the stop flag
+        self.in_child = False  # forked from the guarded process, and no Lightning loop has started here since
         self.raised_outside = False  # stopped by raising SIGTERMException outside Lightning's loops
         self.watch = LoopWatch(self)
         self._lock = threading.Lock()
@@ -141,7 +143,9 @@ class SignalGuard:
 
     def _handle(self, signum, frame) -> None:
         """Python-level handler (main thread, between bytecodes): ask Lightning to stop after this step."""
-        if get_worker_info() is not None:  # a DataLoader worker: the parent acts; raising would kill the worker
+        # A DataLoader worker (also while it starts, before get_worker_info is set): the parent acts, and raising
+        # here would kill the worker under it. A rank that strategy=ddp_fork forked acts once its loop started.
+        if self.in_child or get_worker_info() is not None:
             return
         if self._watchdog is None:
             self._count(signum)
@@ -191,7 +195,10 @@ def _forget_in_child() -> None:
     """A forked child inherits the wakeup fd, whose reader (the watchdog thread) stays in the parent: its signals
     (Ctrl-C reaches the whole process group) would count there as a second signal. The child keeps the handler and
     counts in it: a DataLoader worker ignores them (the parent stops the run and its workers); a rank that
-    `strategy=ddp_fork` forked stops its own training loop, as a rank started by the `ddp` strategy would."""
+    `strategy=ddp_fork` forked stops its own training loop once it runs one (LoopWatch clears `in_child`), as a
+    rank started by the `ddp` strategy would."""
+    if _active is not None:
+        _active.in_child = True
     if _active is not None and _active._watchdog is not None:
         _active._watchdog = None  # the thread is the parent's: this process counts in its Python handler
         _active._lock = threading.Lock()  # the parent's watchdog may have held it at the fork

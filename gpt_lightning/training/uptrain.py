@@ -14,7 +14,8 @@ The `uptrain` config node:
   a file lock so parallel jobs wait for it) and uses its `last.ckpt` as `init_from`. A parent counts as trained
   when its run record says complete and its last.ckpt is there; an interrupted one (a checkpoint, no record) is
   resumed; a failed one is moved aside to `parent.failed-N/` and trained again, once per process (the later jobs
-  of a sweep whose parent failed fail with the same line instead of retraining it each).
+  of a sweep whose parent failed fail with the same line instead of retraining it each); a complete one whose
+  last.ckpt is gone is refused (a new parent would split the study's arms).
 """
 
 from __future__ import annotations
@@ -214,8 +215,9 @@ def train_parent(home: Path, task_overrides: list[str], launch_dir: Path) -> str
         state = parent_state(parent_dir)
         if state == "checkpoint missing":  # the arms already trained from it: a new parent would split the study
             raise UserError(f"the MHA parent in {parent_dir} finished ({TRAIN_RECORD} says complete) but {ckpt} is "
-                            f"missing: put it back, or move {parent_dir} aside to train a new parent (the study's "
-                            f"arms trained from the old one then no longer share a parent with new ones)")
+                            f"missing (deleted, or the parent ran with checkpointing off): put it back, or move "
+                            f"{parent_dir} aside to train a new parent (arms trained from the old one then no longer "
+                            f"share a parent with new ones)")
         if state == "complete":
             log.info("using the MHA parent trained earlier in this sweep: %s", ckpt)
         else:
