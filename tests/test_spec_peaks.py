@@ -120,9 +120,10 @@ def test_a_cpus_measured_matmul_peak_is_its_best_kernels(monkeypatch):
     from gpt_lightning.model.cpu_matmul import onednn_linear_available
 
     cpu = torch.device("cpu")
-    peaks = limits.matmul_peaks(cpu, torch.float32, n=128, repeats=2)
-    assert set(peaks) == ({"aten", "onednn"} if onednn_linear_available() else {"aten"})
-    assert all(v > 0 for v in peaks.values())
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # bf16/fp16 packing: AVX-512 (or AVX-NE-CONVERT)
+        peaks = limits.matmul_peaks(cpu, dtype, n=128, repeats=2)  # an AVX2 CPU raised in oneDNN's bf16 reorder
+        assert set(peaks) == ({"aten", "onednn"} if onednn_linear_available(dtype) else {"aten"}), dtype
+        assert all(v > 0 for v in peaks.values())
     monkeypatch.setattr(limits, "matmul_peaks", lambda *a, **k: {"aten": 2.0e11, "onednn": 4.8e11})
     assert limits.matmul_peak(cpu, torch.float32) == 4.8e11
 
@@ -138,3 +139,12 @@ def test_onednns_matmul_is_timed_in_full_fp32_precision():
     got = torch.ops.mkldnn._linear_pointwise(a, torch.ops.mkldnn._reorder_linear_weight(b, 64), None, "none", [], "")
     exact = a.double() @ b.double().t()
     assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5  # bf16 inputs would give ~1e-3
+
+
+def test_a_slow_cpu_product_is_timed_at_a_smaller_size():
+    # Without AVX-512, aten's bf16 product ran 1.2 GFLOP/s: one 2048^3 product took ~15 s, the bench test timed out
+    from gpt_lightning.measure.limits import cpu_matmul_n
+
+    assert cpu_matmul_n(torch.float32, enough_s=0.0) == 256  # the first size already takes long enough
+    assert cpu_matmul_n(torch.float32, enough_s=float("inf")) == 2048  # never: the full size
+    assert cpu_matmul_n(torch.bfloat16, largest=512, enough_s=float("inf")) == 512

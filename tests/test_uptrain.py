@@ -133,7 +133,7 @@ def test_a_finished_parent_whose_checkpoint_is_gone_is_refused_not_retrained(hom
     ckpt = Path(uptrain.train_parent(home, [], home))
     ckpt.unlink()
     monkeypatch.delenv(uptrain.PARENT_ENV)  # a later run of the study
-    with pytest.raises(UserError, match=r"finished .* but .*last.ckpt is missing: put it back, or move"):
+    with pytest.raises(UserError, match=r"finished .* but .*last.ckpt is missing \(deleted, or the parent ran with checkpointing off\): put it back, or move"):
         uptrain.train_parent(home, [], home)
     assert len(calls) == 1 and (home / "parent" / "summary.json").is_file()  # nothing moved, nothing trained
     assert not (home / "parent.failed-1").exists()

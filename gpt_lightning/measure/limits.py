@@ -34,10 +34,10 @@ def matmul_peaks(device: torch.device, dtype: torch.dtype, n: int | None = None,
     ~210 GFLOP/s where oneDNN's fp32 ran ~480, with the same fp32 rounding (relative error ~1e-6 against fp64).
     A peak measured with aten alone would understate the machine and inflate every fp32 MFU about twofold.
     """
-    n = n or (CUDA_MATMUL_N if device.type == "cuda" else 2048)
+    n = n or (CUDA_MATMUL_N if device.type == "cuda" else cpu_matmul_n(dtype))
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     kernels = {"aten": lambda: a @ b}
-    if device.type == "cpu" and onednn_linear_available():
+    if device.type == "cpu" and onednn_linear_available(dtype):  # bf16 packing needs AVX-512 (not on AVX2 CPUs)
         packed = torch.ops.mkldnn._reorder_linear_weight(b, n)  # a @ b.T, the same FLOPs
         kernels["onednn"] = lambda: onednn_linear(a, packed)
     peaks = {}
@@ -55,6 +55,22 @@ def matmul_peaks(device: torch.device, dtype: torch.dtype, n: int | None = None,
             best = max(best, 2 * n**3 / (time.perf_counter() - start))
         peaks[name] = best
     return peaks
+
+
+def cpu_matmul_n(dtype: torch.dtype, largest: int = 2048, enough_s: float = 0.05) -> int:
+    """The CPU peak's product size: 2048, or the first of 256, 512, 1024 whose aten product takes `enough_s`.
+    Without AVX-512, aten's bf16/fp16 products fall back to ~1 GFLOP/s loops (an AVX2 EPYC: 1.2 GFLOP/s in bf16,
+    100 in fp32), where one 2048^3 product takes ~15 s and a peak (6 of them) a minute and a half; a product
+    that long is timed as well at 512."""
+    n = 256
+    while n < largest:
+        a = torch.randn(n, n, dtype=dtype)
+        start = time.perf_counter()
+        a @ a
+        if time.perf_counter() - start >= enough_s:
+            return n
+        n *= 2
+    return largest
 
 
 def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 5) -> float:
